@@ -1,0 +1,952 @@
+/*
+ * kms/store/sqlite.c - the SQLite backend of the store (store.h).
+ *
+ * Owns one SQLite database file and its connections:
+ *  - the writer connection, used at open (PRAGMAs, migrations) and then
+ *    only by the group-commit writer thread (groupcommit.c) through the
+ *    sq_gc_* callbacks: BEGIN IMMEDIATE, one SAVEPOINT per write, COMMIT;
+ *  - SQ_READERS read-only connections in a pool (free list under pool_mu,
+ *    pool_cv signalled when one comes back).  A reader is used by one
+ *    thread at a time; in WAL mode it never waits for the writer.
+ * Every connection prepares its statements once, at open, and reuses
+ * them (reset after each use).  Connections are opened with
+ * SQLITE_OPEN_NOMUTEX: the pool and the writer thread guarantee that no
+ * connection is used by two threads at once.
+ *
+ * The writer connection runs with journal_mode=WAL, synchronous=FULL (a
+ * commit returns after the WAL is fsynced), secure_delete=ON,
+ * foreign_keys=ON, trusted_schema=OFF and a busy timeout.  The database
+ * file is created mode 0600 by open(2) before SQLite sees it (no umask
+ * games in a threaded process); SQLite gives the -wal and -shm files the
+ * same mode.
+ *
+ * Errors: constraint failures become the specific status of the write
+ * (KEY_EXISTS, KEY_NOT_FOUND, ...); any other SQLite error is logged with
+ * SQLite's message and becomes P11KMS_ERR_STORE_UNAVAILABLE.  Bound values
+ * (wrapped bytes, contexts) never reach the log.
+ *
+ * Locking: pool_mu guards the reader free list; writer_failed is atomic.
+ * Nothing else is shared and mutable after open.
+ */
+#include "kms/store/store_internal.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <sqlite3.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "module/log.h"
+
+#define SQ_READERS         8
+#define SQ_BUSY_TIMEOUT_MS 5000
+
+/* ---- statements --------------------------------------------------------- */
+
+enum {
+    W_BEGIN,
+    W_COMMIT,
+    W_ROLLBACK,
+    W_SAVEPOINT,
+    W_RELEASE,
+    W_ROLLBACK_TO,
+    W_KEY_INSERT,
+    W_VERSION_INSERT,
+    W_WRAP_COUNT,
+    W_DEK_INSERT,
+    W_COUNT
+};
+
+static const char *const writer_sql[W_COUNT] = {
+    [W_BEGIN] = "BEGIN IMMEDIATE",
+    [W_COMMIT] = "COMMIT",
+    [W_ROLLBACK] = "ROLLBACK",
+    [W_SAVEPOINT] = "SAVEPOINT w",
+    [W_RELEASE] = "RELEASE w",
+    [W_ROLLBACK_TO] = "ROLLBACK TO w",
+    [W_KEY_INSERT] = "INSERT INTO keys (name, state, latest_version, min_decrypt_version, "
+                     "rotation_period, created) VALUES (?1, 'enabled', 1, 1, 0, ?2)",
+    [W_VERSION_INSERT] = "INSERT INTO key_versions (key_id, version, state, token_id, created, "
+                         "wrap_count) VALUES (?1, 1, 'active', ?2, ?3, 0)",
+    [W_WRAP_COUNT] = "UPDATE key_versions SET wrap_count = wrap_count + 1 "
+                     "WHERE key_id = (SELECT id FROM keys WHERE name = ?1) AND version = ?2",
+    [W_DEK_INSERT] = "INSERT INTO deks (id, key_id, version, state, context, wrapped, created) "
+                     "SELECT ?1, id, ?3, 'active', ?4, ?5, ?6 FROM keys WHERE name = ?2",
+};
+
+/* Key rows joined with their versions and live DEK counts (one statement:
+ * one consistent snapshot). */
+#define SQ_KEY_COLUMNS                                                                             \
+    "SELECT k.name, k.state, k.latest_version, k.min_decrypt_version, k.rotation_period, "         \
+    "k.created, v.version, v.state, v.token_id, v.created, v.wrap_count, "                         \
+    "(SELECT count(*) FROM deks d WHERE d.key_id = v.key_id AND d.version = v.version "            \
+    "AND d.state IN ('active', 'revoked')) "                                                       \
+    "FROM keys k JOIN key_versions v ON v.key_id = k.id "
+
+/* The same columns without the DEK counts: the hot path of generate and
+ * decrypt reads a key in a few primary-key lookups. */
+#define SQ_KEY_META_COLUMNS                                                                        \
+    "SELECT k.name, k.state, k.latest_version, k.min_decrypt_version, k.rotation_period, "         \
+    "k.created, v.version, v.state, v.token_id, v.created, v.wrap_count, 0 "                       \
+    "FROM keys k JOIN key_versions v ON v.key_id = k.id "
+
+enum { R_PING, R_KEY_GET, R_KEY_META, R_KEY_LIST, R_DEK_GET, R_TOKEN_IDS, R_COUNT };
+
+static const char *const reader_sql[R_COUNT] = {
+    [R_PING] = "SELECT coalesce(max(version), 0) FROM schema_version",
+    [R_KEY_GET] = SQ_KEY_COLUMNS "WHERE k.name = ?1 ORDER BY v.version",
+    [R_KEY_META] = SQ_KEY_META_COLUMNS "WHERE k.name = ?1 ORDER BY v.version",
+    [R_KEY_LIST] = SQ_KEY_COLUMNS "ORDER BY k.name, v.version",
+    [R_DEK_GET] = "SELECT d.id, k.name, d.version, d.state, d.context, d.wrapped, d.created "
+                  "FROM deks d JOIN keys k ON k.id = d.key_id WHERE d.id = ?1",
+    [R_TOKEN_IDS] = "SELECT token_id FROM key_versions ORDER BY key_id, version",
+};
+
+/* ---- types -------------------------------------------------------------- */
+
+#define SQ_MAX_STMT ((int)W_COUNT > (int)R_COUNT ? (int)W_COUNT : (int)R_COUNT)
+
+typedef struct sq_conn {
+    sqlite3 *db;
+    sqlite3_stmt *stmt[SQ_MAX_STMT];
+    size_t n_stmt;
+    struct sq_conn *next_free;
+} sq_conn;
+
+typedef struct sq_store {
+    kms_store base; /* first: a kms_store * is an sq_store * */
+    char *path;
+    sq_conn writer;
+    sq_conn readers[SQ_READERS];
+    pthread_mutex_t pool_mu;
+    pthread_cond_t pool_cv;
+    sq_conn *free_readers;
+    int pool_ok;
+    kms_gc *gc;
+    atomic_int writer_failed; /* last group failed outside a constraint */
+    kms_sqlite_pragmas pragmas;
+} sq_store;
+
+static const kms_store_ops sq_ops;
+
+static sq_store *sq_of(kms_store *st)
+{
+    return (sq_store *)st;
+}
+
+/* ---- helpers ------------------------------------------------------------ */
+
+/* Log an SQLite failure on db and return STORE_UNAVAILABLE. */
+#define SQ_FAIL(db, rc, what) sq_fail((db), (rc), (what), __FILE__, __LINE__, __func__)
+
+static p11kms_status sq_fail(sqlite3 *db, int rc, const char *what, const char *file, int line,
+                             const char *func)
+{
+    p11_log_write(P11_LOG_ERROR, "store", file, line, func, "sqlite: %s: %s (%s, code %d)", what,
+                  db != NULL ? sqlite3_errmsg(db) : "no connection", sqlite3_errstr(rc), rc);
+    return P11KMS_ERR_STORE_UNAVAILABLE;
+}
+
+static int is_constraint(int rc)
+{
+    return (rc & 0xff) == SQLITE_CONSTRAINT;
+}
+
+/* Step a statement that returns no rows, then reset it. */
+static int step_done(sqlite3_stmt *s)
+{
+    int rc = sqlite3_step(s);
+
+    sqlite3_reset(s);
+    sqlite3_clear_bindings(s);
+    return rc == SQLITE_ROW ? SQLITE_MISUSE : rc;
+}
+
+static void text_copy(char *dst, size_t cap, const unsigned char *src)
+{
+    size_t n = 0;
+
+    if (src != NULL) {
+        n = strlen((const char *)src);
+        if (n >= cap)
+            n = cap - 1;
+        memcpy(dst, src, n);
+    }
+    dst[n] = '\0';
+}
+
+static void conn_close(sq_conn *c)
+{
+    int rc;
+
+    for (size_t i = 0; i < c->n_stmt; i++) {
+        sqlite3_finalize(c->stmt[i]);
+        c->stmt[i] = NULL;
+    }
+    c->n_stmt = 0;
+    if (c->db != NULL) {
+        rc = sqlite3_close(c->db);
+        if (rc != SQLITE_OK)
+            LOG_ERROR("store", "sqlite: closing a connection: %s", sqlite3_errstr(rc));
+        c->db = NULL;
+    }
+}
+
+static p11kms_status conn_prepare(sq_conn *c, const char *const *sql, size_t n)
+{
+    p11kms_status rv = P11KMS_OK;
+    int rc;
+
+    for (size_t i = 0; i < n; i++) {
+        rc = sqlite3_prepare_v3(c->db, sql[i], -1, SQLITE_PREPARE_PERSISTENT, &c->stmt[i], NULL);
+        if (rc != SQLITE_OK) {
+            rv = SQ_FAIL(c->db, rc, sql[i]);
+            break;
+        }
+        c->n_stmt = i + 1;
+    }
+    return rv;
+}
+
+static p11kms_status pragma_int(sqlite3 *db, const char *sql, int *out)
+{
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    sqlite3_stmt *s = NULL;
+    int rc;
+
+    rc = sqlite3_prepare_v2(db, sql, -1, &s, NULL);
+    if (rc != SQLITE_OK) {
+        SQ_FAIL(db, rc, sql);
+        goto out;
+    }
+    rc = sqlite3_step(s);
+    if (rc != SQLITE_ROW) {
+        SQ_FAIL(db, rc, sql);
+        goto out;
+    }
+    *out = sqlite3_column_int(s, 0);
+    rv = P11KMS_OK;
+out:
+    sqlite3_finalize(s);
+    return rv;
+}
+
+static p11kms_status pragma_text(sqlite3 *db, const char *sql, char *out, size_t cap)
+{
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    sqlite3_stmt *s = NULL;
+    int rc;
+
+    rc = sqlite3_prepare_v2(db, sql, -1, &s, NULL);
+    if (rc != SQLITE_OK) {
+        SQ_FAIL(db, rc, sql);
+        goto out;
+    }
+    rc = sqlite3_step(s);
+    if (rc != SQLITE_ROW) {
+        SQ_FAIL(db, rc, sql);
+        goto out;
+    }
+    text_copy(out, cap, sqlite3_column_text(s, 0));
+    rv = P11KMS_OK;
+out:
+    sqlite3_finalize(s);
+    return rv;
+}
+
+static p11kms_status exec_simple(sqlite3 *db, const char *sql)
+{
+    int rc = sqlite3_exec(db, sql, NULL, NULL, NULL);
+
+    return rc == SQLITE_OK ? P11KMS_OK : SQ_FAIL(db, rc, sql);
+}
+
+/* Create the file 0600 if missing and check it is a regular file. */
+static p11kms_status precreate(const char *path)
+{
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    struct stat sb;
+    int fd;
+
+    fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOCTTY, S_IRUSR | S_IWUSR);
+    if (fd < 0) {
+        LOG_ERROR("store", "cannot open %s for writing: %s", path, strerror(errno));
+        goto out;
+    }
+    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) {
+        LOG_ERROR("store", "%s is not a regular file", path);
+        goto out;
+    }
+    if ((sb.st_mode & (S_IRWXG | S_IRWXO)) != 0)
+        LOG_WARN("store", "%s is accessible by group or others (mode %03o)", path,
+                 (unsigned)(sb.st_mode & 0777));
+    rv = P11KMS_OK;
+out:
+    if (fd >= 0)
+        close(fd);
+    return rv;
+}
+
+static p11kms_status open_writer(sq_store *s)
+{
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    sqlite3 *db = NULL;
+    kms_sqlite_pragmas *p = &s->pragmas;
+    int rc;
+
+    rc = sqlite3_open_v2(s->path, &s->writer.db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_NOMUTEX, NULL);
+    db = s->writer.db;
+    if (rc != SQLITE_OK) {
+        SQ_FAIL(db, rc, "opening the database");
+        goto out;
+    }
+    sqlite3_extended_result_codes(db, 1);
+    sqlite3_busy_timeout(db, SQ_BUSY_TIMEOUT_MS);
+    if (sqlite3_db_readonly(db, "main") != 0) {
+        LOG_ERROR("store", "%s is read-only", s->path);
+        goto out;
+    }
+    if (exec_simple(db, "PRAGMA journal_mode = WAL") != P11KMS_OK ||
+        exec_simple(db, "PRAGMA synchronous = FULL") != P11KMS_OK ||
+        exec_simple(db, "PRAGMA secure_delete = ON") != P11KMS_OK ||
+        exec_simple(db, "PRAGMA foreign_keys = ON") != P11KMS_OK ||
+        exec_simple(db, "PRAGMA trusted_schema = OFF") != P11KMS_OK)
+        goto out;
+    /* Read back: the store's promises depend on them. */
+    if (pragma_text(db, "PRAGMA journal_mode", p->journal_mode, sizeof(p->journal_mode)) !=
+            P11KMS_OK ||
+        pragma_int(db, "PRAGMA synchronous", &p->synchronous) != P11KMS_OK ||
+        pragma_int(db, "PRAGMA secure_delete", &p->secure_delete) != P11KMS_OK ||
+        pragma_int(db, "PRAGMA foreign_keys", &p->foreign_keys) != P11KMS_OK ||
+        pragma_int(db, "PRAGMA busy_timeout", &p->busy_timeout_ms) != P11KMS_OK)
+        goto out;
+    if (strcmp(p->journal_mode, "wal") != 0 || p->synchronous != 2 || p->secure_delete != 1 ||
+        p->foreign_keys != 1) {
+        LOG_ERROR("store",
+                  "%s: PRAGMAs did not take effect (journal_mode=%s synchronous=%d "
+                  "secure_delete=%d foreign_keys=%d)",
+                  s->path, p->journal_mode, p->synchronous, p->secure_delete, p->foreign_keys);
+        goto out;
+    }
+    if (kms_sqlite_migrate(db) != P11KMS_OK)
+        goto out;
+    if (conn_prepare(&s->writer, writer_sql, W_COUNT) != P11KMS_OK)
+        goto out;
+    rv = P11KMS_OK;
+out:
+    return rv;
+}
+
+static p11kms_status open_reader(sq_store *s, sq_conn *c)
+{
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    int rc;
+
+    rc = sqlite3_open_v2(s->path, &c->db, SQLITE_OPEN_READONLY | SQLITE_OPEN_NOMUTEX, NULL);
+    if (rc != SQLITE_OK) {
+        SQ_FAIL(c->db, rc, "opening a reader");
+        goto out;
+    }
+    sqlite3_extended_result_codes(c->db, 1);
+    sqlite3_busy_timeout(c->db, SQ_BUSY_TIMEOUT_MS);
+    if (exec_simple(c->db, "PRAGMA query_only = ON") != P11KMS_OK ||
+        exec_simple(c->db, "PRAGMA trusted_schema = OFF") != P11KMS_OK)
+        goto out;
+    if (conn_prepare(c, reader_sql, R_COUNT) != P11KMS_OK)
+        goto out;
+    rv = P11KMS_OK;
+out:
+    return rv;
+}
+
+static sq_conn *reader_get(sq_store *s)
+{
+    sq_conn *c;
+
+    pthread_mutex_lock(&s->pool_mu);
+    while (s->free_readers == NULL)
+        pthread_cond_wait(&s->pool_cv, &s->pool_mu);
+    c = s->free_readers;
+    s->free_readers = c->next_free;
+    pthread_mutex_unlock(&s->pool_mu);
+    return c;
+}
+
+static void reader_put(sq_store *s, sq_conn *c)
+{
+    if (c == NULL)
+        return;
+    for (size_t i = 0; i < c->n_stmt; i++) {
+        sqlite3_reset(c->stmt[i]);
+        sqlite3_clear_bindings(c->stmt[i]);
+    }
+    pthread_mutex_lock(&s->pool_mu);
+    c->next_free = s->free_readers;
+    s->free_readers = c;
+    pthread_cond_signal(&s->pool_cv);
+    pthread_mutex_unlock(&s->pool_mu);
+}
+
+/* ---- the writer (called on the writer thread only) ---------------------- */
+
+static p11kms_status sq_gc_begin(void *ctx)
+{
+    sq_store *s = ctx;
+    int rc = step_done(s->writer.stmt[W_BEGIN]);
+
+    if (rc != SQLITE_DONE) {
+        atomic_store(&s->writer_failed, 1);
+        return SQ_FAIL(s->writer.db, rc, "BEGIN IMMEDIATE");
+    }
+    return P11KMS_OK;
+}
+
+static p11kms_status sq_gc_commit(void *ctx)
+{
+    sq_store *s = ctx;
+    int rc = step_done(s->writer.stmt[W_COMMIT]);
+
+    if (rc != SQLITE_DONE) {
+        atomic_store(&s->writer_failed, 1);
+        return SQ_FAIL(s->writer.db, rc, "COMMIT");
+    }
+    atomic_store(&s->writer_failed, 0);
+    return P11KMS_OK;
+}
+
+static void sq_gc_rollback(void *ctx)
+{
+    sq_store *s = ctx;
+    int rc;
+
+    atomic_store(&s->writer_failed, 1);
+    if (sqlite3_get_autocommit(s->writer.db))
+        return; /* SQLite already rolled the transaction back */
+    rc = step_done(s->writer.stmt[W_ROLLBACK]);
+    if (rc != SQLITE_DONE)
+        SQ_FAIL(s->writer.db, rc, "ROLLBACK");
+}
+
+static p11kms_status apply_key_create(sq_store *s, const kms_write *w)
+{
+    sqlite3 *db = s->writer.db;
+    sqlite3_stmt *ins = s->writer.stmt[W_KEY_INSERT];
+    sqlite3_stmt *ver = s->writer.stmt[W_VERSION_INSERT];
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    sqlite3_int64 key_id;
+    int rc;
+
+    sqlite3_bind_text(ins, 1, w->u.key_create.name, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(ins, 2, w->u.key_create.now);
+    rc = step_done(ins);
+    if (rc == SQLITE_CONSTRAINT_UNIQUE || rc == SQLITE_CONSTRAINT_PRIMARYKEY) {
+        rv = P11KMS_ERR_KEY_EXISTS;
+        goto out;
+    }
+    if (is_constraint(rc)) {
+        LOG_ERROR("store", "key row refused: %s", sqlite3_errmsg(db));
+        rv = P11KMS_ERR_BAD_REQUEST;
+        goto out;
+    }
+    if (rc != SQLITE_DONE) {
+        rv = SQ_FAIL(db, rc, "inserting a key");
+        goto out;
+    }
+    key_id = sqlite3_last_insert_rowid(db);
+    sqlite3_bind_int64(ver, 1, key_id);
+    sqlite3_bind_blob(ver, 2, w->u.key_create.token_id, KMS_TOKEN_ID_LEN, SQLITE_STATIC);
+    sqlite3_bind_int64(ver, 3, w->u.key_create.now);
+    rc = step_done(ver);
+    if (is_constraint(rc)) {
+        /* A CKA_ID collision: 128 random bits, so a bug, not bad luck. */
+        LOG_ERROR("store", "key version refused: %s", sqlite3_errmsg(db));
+        rv = P11KMS_ERR_INTERNAL;
+        goto out;
+    }
+    if (rc != SQLITE_DONE) {
+        rv = SQ_FAIL(db, rc, "inserting a key version");
+        goto out;
+    }
+    rv = P11KMS_OK;
+out:
+    return rv;
+}
+
+static p11kms_status apply_dek_insert(sq_store *s, const kms_write *w)
+{
+    sqlite3 *db = s->writer.db;
+    const kms_dek_rec *d = w->u.dek_insert.dek;
+    sqlite3_stmt *upd = s->writer.stmt[W_WRAP_COUNT];
+    sqlite3_stmt *ins = s->writer.stmt[W_DEK_INSERT];
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    int rc;
+
+    sqlite3_bind_text(upd, 1, d->key, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(upd, 2, d->version);
+    rc = step_done(upd);
+    if (rc != SQLITE_DONE) {
+        rv = is_constraint(rc) ? P11KMS_ERR_INTERNAL : SQ_FAIL(db, rc, "counting a wrap");
+        goto out;
+    }
+    if (sqlite3_changes(db) != 1) {
+        rv = P11KMS_ERR_KEY_NOT_FOUND;
+        goto out;
+    }
+    sqlite3_bind_text(ins, 1, d->id, -1, SQLITE_STATIC);
+    sqlite3_bind_text(ins, 2, d->key, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(ins, 3, d->version);
+    sqlite3_bind_text(ins, 4, d->context, -1, SQLITE_STATIC);
+    sqlite3_bind_blob(ins, 5, d->wrapped, (int)d->wrapped_len, SQLITE_STATIC);
+    sqlite3_bind_int64(ins, 6, d->created);
+    rc = step_done(ins);
+    if (rc == SQLITE_CONSTRAINT_PRIMARYKEY || rc == SQLITE_CONSTRAINT_UNIQUE) {
+        LOG_ERROR("store", "DEK id %s is already taken", d->id);
+        rv = P11KMS_ERR_INTERNAL;
+        goto out;
+    }
+    if (rc == SQLITE_CONSTRAINT_FOREIGNKEY) {
+        rv = P11KMS_ERR_KEY_NOT_FOUND;
+        goto out;
+    }
+    if (is_constraint(rc)) {
+        LOG_ERROR("store", "DEK row refused: %s", sqlite3_errmsg(db));
+        rv = P11KMS_ERR_BAD_REQUEST;
+        goto out;
+    }
+    if (rc != SQLITE_DONE) {
+        rv = SQ_FAIL(db, rc, "inserting a DEK");
+        goto out;
+    }
+    rv = sqlite3_changes(db) == 1 ? P11KMS_OK : P11KMS_ERR_KEY_NOT_FOUND;
+out:
+    return rv;
+}
+
+static p11kms_status sq_gc_apply(void *ctx, kms_write *w)
+{
+    sq_store *s = ctx;
+    sqlite3 *db = s->writer.db;
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    int rc;
+
+    rc = step_done(s->writer.stmt[W_SAVEPOINT]);
+    if (rc != SQLITE_DONE) {
+        SQ_FAIL(db, rc, "SAVEPOINT");
+        goto out;
+    }
+    switch (w->type) {
+    case KMS_WRITE_NOOP: rv = P11KMS_OK; break;
+    case KMS_WRITE_KEY_CREATE: rv = apply_key_create(s, w); break;
+    case KMS_WRITE_DEK_INSERT: rv = apply_dek_insert(s, w); break;
+    default: rv = P11KMS_ERR_INTERNAL; break;
+    }
+    if (rv == P11KMS_ERR_STORE_UNAVAILABLE)
+        goto out; /* the group is rolled back as a whole */
+    if (rv != P11KMS_OK) {
+        rc = step_done(s->writer.stmt[W_ROLLBACK_TO]);
+        if (rc != SQLITE_DONE) {
+            rv = SQ_FAIL(db, rc, "ROLLBACK TO");
+            goto out;
+        }
+    }
+    rc = step_done(s->writer.stmt[W_RELEASE]);
+    if (rc != SQLITE_DONE)
+        rv = SQ_FAIL(db, rc, "RELEASE");
+out:
+    return rv;
+}
+
+static const kms_gc_ops sq_gc_ops = {
+    .begin = sq_gc_begin,
+    .apply = sq_gc_apply,
+    .commit = sq_gc_commit,
+    .rollback = sq_gc_rollback,
+};
+
+/* ---- open / close ------------------------------------------------------- */
+
+static void sq_free(sq_store *s)
+{
+    if (s == NULL)
+        return;
+    kms_gc_stop(s->gc);
+    for (size_t i = 0; i < SQ_READERS; i++)
+        conn_close(&s->readers[i]);
+    conn_close(&s->writer);
+    if (s->pool_ok) {
+        pthread_cond_destroy(&s->pool_cv);
+        pthread_mutex_destroy(&s->pool_mu);
+    }
+    free(s->path);
+    free(s);
+}
+
+p11kms_status kms_store_open_sqlite(const char *path, kms_store **out)
+{
+    p11kms_status rv = P11KMS_ERR_BAD_REQUEST;
+    sq_store *s = NULL;
+
+    if (path == NULL || *path == '\0' || out == NULL)
+        goto out;
+    rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    if (sqlite3_threadsafe() == 0) {
+        LOG_ERROR("store", "this SQLite library is built without thread support");
+        goto out;
+    }
+    rv = P11KMS_ERR_NO_MEMORY;
+    s = calloc(1, sizeof(*s));
+    if (s == NULL)
+        goto out;
+    s->base.ops = &sq_ops;
+    s->path = strdup(path);
+    if (s->path == NULL)
+        goto out;
+    rv = P11KMS_ERR_INTERNAL;
+    if (pthread_mutex_init(&s->pool_mu, NULL) != 0)
+        goto out;
+    if (pthread_cond_init(&s->pool_cv, NULL) != 0) {
+        pthread_mutex_destroy(&s->pool_mu);
+        goto out;
+    }
+    s->pool_ok = 1;
+    rv = precreate(path);
+    if (rv != P11KMS_OK)
+        goto out;
+    rv = open_writer(s);
+    if (rv != P11KMS_OK)
+        goto out;
+    for (size_t i = 0; i < SQ_READERS; i++) {
+        rv = open_reader(s, &s->readers[i]);
+        if (rv != P11KMS_OK)
+            goto out;
+        s->readers[i].next_free = s->free_readers;
+        s->free_readers = &s->readers[i];
+    }
+    rv = kms_gc_start(&sq_gc_ops, s, &s->gc);
+    if (rv != P11KMS_OK)
+        goto out;
+    LOG_DEBUG("store", "opened %s (schema %d, %d readers)", path, kms_sqlite_schema_latest(),
+              SQ_READERS);
+    *out = &s->base;
+    s = NULL;
+    rv = P11KMS_OK;
+out:
+    sq_free(s);
+    return rv;
+}
+
+static void sq_close(kms_store *st)
+{
+    sq_free(sq_of(st));
+}
+
+/* ---- reads -------------------------------------------------------------- */
+
+static p11kms_status sq_ping(kms_store *st)
+{
+    sq_store *s = sq_of(st);
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    sq_conn *c = reader_get(s);
+    kms_write w = {.type = KMS_WRITE_NOOP};
+    int rc;
+
+    rc = sqlite3_step(c->stmt[R_PING]);
+    if (rc != SQLITE_ROW) {
+        SQ_FAIL(c->db, rc, "ping");
+        goto out;
+    }
+    /* After a failed group, prove the writer can write again (an empty
+     * transaction: no fsync) before saying it is healthy. */
+    if (atomic_load(&s->writer_failed) && kms_gc_submit(s->gc, &w) != P11KMS_OK)
+        goto out;
+    rv = P11KMS_OK;
+out:
+    reader_put(s, c);
+    return rv;
+}
+
+static p11kms_status version_from_row(sqlite3_stmt *q, int col, kms_version_rec *v)
+{
+    int state = kms_version_state_parse((const char *)sqlite3_column_text(q, col + 1));
+
+    memset(v, 0, sizeof(*v));
+    if (state < 0 || sqlite3_column_bytes(q, col + 2) != KMS_TOKEN_ID_LEN) {
+        LOG_ERROR("store", "a key_versions row is malformed");
+        return P11KMS_ERR_INTERNAL;
+    }
+    v->version = (uint32_t)sqlite3_column_int64(q, col);
+    v->state = (kms_version_state)state;
+    memcpy(v->token_id, sqlite3_column_blob(q, col + 2), KMS_TOKEN_ID_LEN);
+    v->created = sqlite3_column_int64(q, col + 3);
+    v->wrap_count = (uint64_t)sqlite3_column_int64(q, col + 4);
+    v->dek_count = (uint64_t)sqlite3_column_int64(q, col + 5);
+    return P11KMS_OK;
+}
+
+static p11kms_status key_from_row(sqlite3_stmt *q, kms_key_rec **out)
+{
+    p11kms_status rv = P11KMS_ERR_INTERNAL;
+    kms_key_rec *k = NULL;
+    int state = kms_key_state_parse((const char *)sqlite3_column_text(q, 1));
+
+    if (state < 0 || sqlite3_column_bytes(q, 0) > KMS_NAME_MAX) {
+        LOG_ERROR("store", "a keys row is malformed");
+        goto out;
+    }
+    rv = P11KMS_ERR_NO_MEMORY;
+    k = calloc(1, sizeof(*k));
+    if (k == NULL)
+        goto out;
+    text_copy(k->name, sizeof(k->name), sqlite3_column_text(q, 0));
+    k->state = (kms_key_state)state;
+    k->latest_version = (uint32_t)sqlite3_column_int64(q, 2);
+    k->min_decrypt_version = (uint32_t)sqlite3_column_int64(q, 3);
+    k->rotation_period = sqlite3_column_int64(q, 4);
+    k->created = sqlite3_column_int64(q, 5);
+    *out = k;
+    k = NULL;
+    rv = P11KMS_OK;
+out:
+    kms_key_rec_free(k);
+    return rv;
+}
+
+/* Read rows of SQ_KEY_COLUMNS into keys (one record per key, versions
+ * grouped).  The statement is reset by reader_put. */
+static p11kms_status read_keys(sqlite3 *db, sqlite3_stmt *q, kms_key_rec ***out, size_t *count)
+{
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    kms_key_rec **keys = NULL, **grown, *k;
+    kms_version_rec v;
+    size_t n = 0, cap = 0;
+    int rc;
+
+    while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
+        k = n > 0 ? keys[n - 1] : NULL;
+        if (k == NULL || strcmp(k->name, (const char *)sqlite3_column_text(q, 0)) != 0) {
+            if (n == cap) {
+                cap = cap ? cap * 2 : 8;
+                grown = realloc(keys, cap * sizeof(*keys));
+                if (grown == NULL) {
+                    rv = P11KMS_ERR_NO_MEMORY;
+                    goto out;
+                }
+                keys = grown;
+            }
+            rv = key_from_row(q, &keys[n]);
+            if (rv != P11KMS_OK)
+                goto out;
+            k = keys[n++];
+        }
+        rv = version_from_row(q, 6, &v);
+        if (rv != P11KMS_OK)
+            goto out;
+        rv = kms_key_rec_add_version(k, &v);
+        if (rv != P11KMS_OK)
+            goto out;
+    }
+    if (rc != SQLITE_DONE) {
+        rv = SQ_FAIL(db, rc, "reading keys");
+        goto out;
+    }
+    *out = keys;
+    *count = n;
+    keys = NULL;
+    rv = P11KMS_OK;
+out:
+    kms_key_list_free(keys, n);
+    return rv;
+}
+
+static p11kms_status key_get_with(kms_store *st, int which, const char *name, kms_key_rec **out)
+{
+    sq_store *s = sq_of(st);
+    sq_conn *c = reader_get(s);
+    sqlite3_stmt *q = c->stmt[which];
+    kms_key_rec **keys = NULL;
+    size_t n = 0;
+    p11kms_status rv;
+
+    sqlite3_bind_text(q, 1, name, -1, SQLITE_STATIC);
+    rv = read_keys(c->db, q, &keys, &n);
+    if (rv != P11KMS_OK)
+        goto out;
+    if (n == 0) {
+        rv = P11KMS_ERR_KEY_NOT_FOUND;
+        goto out;
+    }
+    *out = keys[0];
+    keys[0] = NULL;
+out:
+    reader_put(s, c);
+    kms_key_list_free(keys, n);
+    return rv;
+}
+
+static p11kms_status sq_key_get(kms_store *st, const char *name, kms_key_rec **out)
+{
+    return key_get_with(st, R_KEY_GET, name, out);
+}
+
+static p11kms_status sq_key_get_meta(kms_store *st, const char *name, kms_key_rec **out)
+{
+    return key_get_with(st, R_KEY_META, name, out);
+}
+
+static p11kms_status sq_key_list(kms_store *st, kms_key_rec ***out, size_t *count)
+{
+    sq_store *s = sq_of(st);
+    sq_conn *c = reader_get(s);
+    p11kms_status rv;
+
+    rv = read_keys(c->db, c->stmt[R_KEY_LIST], out, count);
+    reader_put(s, c);
+    return rv;
+}
+
+static p11kms_status sq_dek_get(kms_store *st, const char *id, kms_dek_rec **out)
+{
+    sq_store *s = sq_of(st);
+    sq_conn *c = reader_get(s);
+    sqlite3_stmt *q = c->stmt[R_DEK_GET];
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    kms_dek_rec *d = NULL;
+    const unsigned char *ctx;
+    int rc, state, wlen;
+
+    sqlite3_bind_text(q, 1, id, -1, SQLITE_STATIC);
+    rc = sqlite3_step(q);
+    if (rc == SQLITE_DONE) {
+        rv = P11KMS_ERR_DEK_NOT_FOUND;
+        goto out;
+    }
+    if (rc != SQLITE_ROW) {
+        SQ_FAIL(c->db, rc, "reading a DEK");
+        goto out;
+    }
+    state = kms_dek_state_parse((const char *)sqlite3_column_text(q, 3));
+    wlen = sqlite3_column_bytes(q, 5);
+    ctx = sqlite3_column_text(q, 4);
+    if (state < 0 || wlen > KMS_WRAPPED_MAX || ctx == NULL ||
+        sqlite3_column_bytes(q, 0) != KMS_DEK_ID_LEN || sqlite3_column_bytes(q, 1) > KMS_NAME_MAX) {
+        LOG_ERROR("store", "DEK row %s is malformed", id);
+        rv = P11KMS_ERR_INTERNAL;
+        goto out;
+    }
+    rv = P11KMS_ERR_NO_MEMORY;
+    d = calloc(1, sizeof(*d));
+    if (d == NULL)
+        goto out;
+    d->context = strdup((const char *)ctx);
+    if (d->context == NULL)
+        goto out;
+    text_copy(d->id, sizeof(d->id), sqlite3_column_text(q, 0));
+    text_copy(d->key, sizeof(d->key), sqlite3_column_text(q, 1));
+    d->version = (uint32_t)sqlite3_column_int64(q, 2);
+    d->state = (kms_dek_state)state;
+    if (wlen > 0)
+        memcpy(d->wrapped, sqlite3_column_blob(q, 5), (size_t)wlen);
+    d->wrapped_len = (size_t)wlen;
+    d->created = sqlite3_column_int64(q, 6);
+    *out = d;
+    d = NULL;
+    rv = P11KMS_OK;
+out:
+    reader_put(s, c);
+    kms_dek_rec_free(d);
+    return rv;
+}
+
+static p11kms_status sq_token_ids(kms_store *st, unsigned char (**ids)[KMS_TOKEN_ID_LEN],
+                                  size_t *count)
+{
+    sq_store *s = sq_of(st);
+    sq_conn *c = reader_get(s);
+    sqlite3_stmt *q = c->stmt[R_TOKEN_IDS];
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    unsigned char(*arr)[KMS_TOKEN_ID_LEN] = NULL, (*grown)[KMS_TOKEN_ID_LEN];
+    size_t n = 0, cap = 0;
+    int rc;
+
+    while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
+        if (sqlite3_column_bytes(q, 0) != KMS_TOKEN_ID_LEN) {
+            LOG_ERROR("store", "a key_versions row has a malformed token_id");
+            rv = P11KMS_ERR_INTERNAL;
+            goto out;
+        }
+        if (n == cap) {
+            cap = cap ? cap * 2 : 16;
+            grown = realloc(arr, cap * sizeof(*arr));
+            if (grown == NULL) {
+                rv = P11KMS_ERR_NO_MEMORY;
+                goto out;
+            }
+            arr = grown;
+        }
+        memcpy(arr[n++], sqlite3_column_blob(q, 0), KMS_TOKEN_ID_LEN);
+    }
+    if (rc != SQLITE_DONE) {
+        SQ_FAIL(c->db, rc, "reading token ids");
+        goto out;
+    }
+    *ids = arr;
+    *count = n;
+    arr = NULL;
+    rv = P11KMS_OK;
+out:
+    reader_put(s, c);
+    free(arr);
+    return rv;
+}
+
+/* ---- writes ------------------------------------------------------------- */
+
+static p11kms_status sq_key_create(kms_store *st, const char *name,
+                                   const unsigned char token_id[KMS_TOKEN_ID_LEN], int64_t now)
+{
+    kms_write w = {.type = KMS_WRITE_KEY_CREATE};
+
+    w.u.key_create.name = name;
+    w.u.key_create.token_id = token_id;
+    w.u.key_create.now = now;
+    return kms_gc_submit(sq_of(st)->gc, &w);
+}
+
+static p11kms_status sq_dek_insert(kms_store *st, const kms_dek_rec *dek)
+{
+    kms_write w = {.type = KMS_WRITE_DEK_INSERT};
+
+    w.u.dek_insert.dek = dek;
+    return kms_gc_submit(sq_of(st)->gc, &w);
+}
+
+static void sq_stats(kms_store *st, kms_store_stats_ex *out)
+{
+    kms_gc_stats(sq_of(st)->gc, out);
+}
+
+p11kms_status kms_sqlite_pragmas_get(kms_store *st, kms_sqlite_pragmas *out)
+{
+    if (st == NULL || st->ops != &sq_ops || out == NULL)
+        return P11KMS_ERR_BAD_REQUEST;
+    *out = sq_of(st)->pragmas;
+    return P11KMS_OK;
+}
+
+static const kms_store_ops sq_ops = {
+    .backend = "sqlite",
+    .close = sq_close,
+    .ping = sq_ping,
+    .key_create = sq_key_create,
+    .key_get = sq_key_get,
+    .key_get_meta = sq_key_get_meta,
+    .key_list = sq_key_list,
+    .dek_insert = sq_dek_insert,
+    .dek_get = sq_dek_get,
+    .token_ids = sq_token_ids,
+    .stats = sq_stats,
+};

@@ -1,0 +1,146 @@
+/*
+ * kms/store/store_internal.h - what the store backends share, not for
+ * callers of the store (they use store.h).
+ *
+ * - struct kms_store and its ops table: store.c dispatches every public
+ *   function through st->ops; each backend (sqlite.c now, postgres.c
+ *   later) embeds `struct kms_store` as its first member and fills a
+ *   static const kms_store_ops.
+ * - The group-commit writer (groupcommit.c): a backend-neutral queue of
+ *   kms_write requests drained by one thread that runs each group in one
+ *   transaction, each write under its own savepoint, through kms_gc_ops
+ *   callbacks the backend provides.
+ * - Helpers for building records (store.c) and the SQLite migration entry
+ *   point (migrations.c).
+ */
+#ifndef P11KMS_KMS_STORE_INTERNAL_H
+#define P11KMS_KMS_STORE_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "kms/store/store.h"
+
+/* ---- ops table ---------------------------------------------------------- */
+
+typedef struct kms_store_stats_ex {
+    uint64_t commits;       /* groups committed */
+    uint64_t writes;        /* writes handled by committed groups */
+    uint64_t failed_groups; /* groups rolled back (begin/commit/fatal error) */
+    uint64_t queued;        /* writes waiting for the writer right now */
+} kms_store_stats_ex;
+
+typedef struct kms_store_ops {
+    const char *backend; /* "sqlite", "postgres" */
+    void (*close)(kms_store *st);
+    p11kms_status (*ping)(kms_store *st);
+    p11kms_status (*key_create)(kms_store *st, const char *name,
+                                const unsigned char token_id[KMS_TOKEN_ID_LEN], int64_t now);
+    p11kms_status (*key_get)(kms_store *st, const char *name, kms_key_rec **out);
+    p11kms_status (*key_get_meta)(kms_store *st, const char *name, kms_key_rec **out);
+    p11kms_status (*key_list)(kms_store *st, kms_key_rec ***out, size_t *count);
+    p11kms_status (*dek_insert)(kms_store *st, const kms_dek_rec *dek);
+    p11kms_status (*dek_get)(kms_store *st, const char *id, kms_dek_rec **out);
+    p11kms_status (*token_ids)(kms_store *st, unsigned char (**ids)[KMS_TOKEN_ID_LEN],
+                               size_t *count);
+    void (*stats)(kms_store *st, kms_store_stats_ex *out);
+} kms_store_ops;
+
+struct kms_store {
+    const kms_store_ops *ops;
+};
+
+/* Statistics including the internal ones (tests, metrics). */
+void kms_store_stats_get(kms_store *st, kms_store_stats_ex *out);
+
+/* ---- group commit (groupcommit.c) --------------------------------------- */
+
+typedef enum kms_write_type {
+    KMS_WRITE_NOOP = 0, /* an empty transaction: proves the writer can write */
+    KMS_WRITE_KEY_CREATE,
+    KMS_WRITE_DEK_INSERT
+} kms_write_type;
+
+/* One queued write.  Lives on the submitting thread's stack; every pointer
+ * in it stays valid until kms_gc_submit returns. */
+typedef struct kms_write {
+    kms_write_type type;
+    union {
+        struct {
+            const char *name;
+            const unsigned char *token_id; /* KMS_TOKEN_ID_LEN bytes */
+            int64_t now;
+        } key_create;
+        struct {
+            const kms_dek_rec *dek;
+        } dek_insert;
+    } u;
+    p11kms_status result; /* written by the writer thread */
+    int done;             /* set under the queue mutex */
+    struct kms_write *next;
+} kms_write;
+
+/* The backend's side of the writer; all called on the writer thread only.
+ * apply() runs one write under its own savepoint and returns its status;
+ * P11KMS_ERR_STORE_UNAVAILABLE from apply() means the transaction itself
+ * is broken and the whole group is rolled back. */
+typedef struct kms_gc_ops {
+    p11kms_status (*begin)(void *ctx);
+    p11kms_status (*apply)(void *ctx, kms_write *w);
+    p11kms_status (*commit)(void *ctx);
+    void (*rollback)(void *ctx);
+} kms_gc_ops;
+
+typedef struct kms_gc kms_gc;
+
+/* Start the writer thread.  ops and ctx must outlive the writer. */
+p11kms_status kms_gc_start(const kms_gc_ops *ops, void *ctx, kms_gc **out);
+
+/* Queue w, wait until its group is committed (durable) or failed, and
+ * return its result.  P11KMS_ERR_STORE_UNAVAILABLE once stopping. */
+p11kms_status kms_gc_submit(kms_gc *gc, kms_write *w);
+
+/* Refuse new writes, let the writer drain what is queued, join it, free.
+ * NULL is a no-op. */
+void kms_gc_stop(kms_gc *gc);
+
+void kms_gc_stats(kms_gc *gc, kms_store_stats_ex *out);
+
+/* ---- record helpers (store.c) ------------------------------------------- */
+
+/* Append a version to k->versions (kept in the order appended). */
+p11kms_status kms_key_rec_add_version(kms_key_rec *k, const kms_version_rec *v);
+
+/* Parse state names written by kms_*_state_name; -1 when unknown. */
+int kms_key_state_parse(const char *s);
+int kms_version_state_parse(const char *s);
+int kms_dek_state_parse(const char *s);
+
+/* ---- SQLite backend (sqlite.c, migrations.c) ---------------------------- */
+
+struct sqlite3;
+
+/* The schema version this binary writes (the last migration). */
+int kms_sqlite_schema_latest(void);
+
+/* Apply every pending migration on db, each in its own transaction and
+ * recorded in schema_version; a no-op when the schema is current.
+ * P11KMS_ERR_STORE_UNAVAILABLE when a migration fails or the database is
+ * newer than this binary. */
+p11kms_status kms_sqlite_migrate(struct sqlite3 *db);
+
+/* PRAGMAs read back from the writer connection when the store was opened
+ * (the open fails unless they are what the store set). */
+typedef struct kms_sqlite_pragmas {
+    char journal_mode[16]; /* "wal" */
+    int synchronous;       /* 2 = FULL */
+    int secure_delete;     /* 1 */
+    int foreign_keys;      /* 1 */
+    int busy_timeout_ms;
+} kms_sqlite_pragmas;
+
+/* For tests: the writer's PRAGMAs.  P11KMS_ERR_BAD_REQUEST if st is not
+ * an SQLite store. */
+p11kms_status kms_sqlite_pragmas_get(kms_store *st, kms_sqlite_pragmas *out);
+
+#endif
