@@ -1,0 +1,210 @@
+/*
+ * kms/core/deks.c - data keys: generate and decrypt.
+ *
+ * Generate: 32 bytes from the token RNG, wrapped inside the token by the
+ * key's latest version with AES-GCM, the AAD binding key, version, DEK id
+ * and canonical context (aad.c); the row is durable (group commit) before
+ * the plaintext is handed back.  Decrypt: state, key and context checks
+ * from the store first (revocation takes effect at once), then the unwrap;
+ * a blob that fails authentication although the context matches is
+ * corruption (integrity_failure), logged loudly, never returned.
+ *
+ * Every plaintext buffer is wiped with OPENSSL_cleanse on every path.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <openssl/crypto.h>
+#include <openssl/rand.h>
+
+#include "kms/core/core.h"
+#include "kms/core/internal.h"
+#include "module/log.h"
+
+void kms_datakey_clear(kms_datakey *k)
+{
+    if (k != NULL)
+        OPENSSL_cleanse(k, sizeof(*k));
+}
+
+p11kms_status kms_uuid_new(char out[KMS_DEK_ID_LEN + 1])
+{
+    static const char hex[] = "0123456789abcdef";
+    unsigned char b[16];
+    size_t o = 0;
+
+    if (RAND_bytes(b, sizeof(b)) != 1)
+        return P11KMS_ERR_INTERNAL;
+    b[6] = (unsigned char)((b[6] & 0x0f) | 0x40); /* version 4 */
+    b[8] = (unsigned char)((b[8] & 0x3f) | 0x80); /* RFC 4122 variant */
+    for (size_t i = 0; i < sizeof(b); i++) {
+        if (i == 4 || i == 6 || i == 8 || i == 10)
+            out[o++] = '-';
+        out[o++] = hex[b[i] >> 4];
+        out[o++] = hex[b[i] & 0xf];
+    }
+    out[o] = '\0';
+    return P11KMS_OK;
+}
+
+p11kms_status kms_dek_generate(kms_core *core, const char *key, const json_t *context,
+                               kms_datakey *out)
+{
+    p11kms_status rv;
+    char *canonical = NULL;
+    kms_key_rec *k = NULL;
+    const kms_version_rec *ver;
+    unsigned char *aad = NULL;
+    size_t aad_len = 0;
+    kms_dek_rec dek;
+    kms_datakey result;
+    CK_RV crv;
+
+    memset(&dek, 0, sizeof(dek));
+    memset(&result, 0, sizeof(result));
+    if (!kms_key_name_valid(key)) {
+        rv = P11KMS_ERR_BAD_REQUEST;
+        goto out;
+    }
+    rv = kms_context_canonical(context, &canonical);
+    if (rv != P11KMS_OK)
+        goto out;
+    rv = kms_store_key_get_meta(kms_core_store(core), key, &k);
+    if (rv != P11KMS_OK)
+        goto out;
+    if (k->state != KMS_KEY_ENABLED) {
+        rv = P11KMS_ERR_KEY_DISABLED;
+        goto out;
+    }
+    ver = kms_key_find_version(k, k->latest_version);
+    if (ver == NULL || ver->state != KMS_VERSION_ACTIVE) {
+        LOG_ERROR("core", "key %s has no active latest version %u", key, k->latest_version);
+        rv = P11KMS_ERR_INTERNAL;
+        goto out;
+    }
+    rv = kms_uuid_new(dek.id);
+    if (rv != P11KMS_OK)
+        goto out;
+    rv = kms_aad_build(key, ver->version, dek.id, canonical, &aad, &aad_len);
+    if (rv != P11KMS_OK)
+        goto out;
+    crv = p11_random(kms_core_token(core), result.plaintext, KMS_DEK_LEN);
+    if (crv != CKR_OK) {
+        rv = kms_status_from_rv(crv);
+        goto out;
+    }
+    dek.wrapped_len = sizeof(dek.wrapped);
+    crv = p11_wrap(kms_core_token(core), ver->token_id, aad, aad_len, result.plaintext,
+                   KMS_DEK_LEN, dek.wrapped, &dek.wrapped_len);
+    if (crv != CKR_OK) {
+        rv = kms_status_from_rv(crv);
+        if (rv == P11KMS_ERR_INTEGRITY_FAILURE)
+            rv = P11KMS_ERR_INTERNAL;
+        goto out;
+    }
+    snprintf(dek.key, sizeof(dek.key), "%s", key);
+    dek.version = ver->version;
+    dek.state = KMS_DEK_ACTIVE;
+    dek.context = canonical;
+    dek.created = (int64_t)time(NULL);
+    rv = kms_store_dek_insert(kms_core_store(core), &dek);
+    if (rv != P11KMS_OK)
+        goto out;
+    memcpy(result.id, dek.id, sizeof(result.id));
+    snprintf(result.key, sizeof(result.key), "%s", key);
+    result.version = ver->version;
+    *out = result;
+out:
+    OPENSSL_cleanse(&result, sizeof(result));
+    free(aad);
+    free(canonical);
+    kms_key_rec_free(k);
+    return rv;
+}
+
+/* State, key and context checks, in the order a caller can act on. */
+static p11kms_status check_decryptable(const kms_dek_rec *dek, const kms_key_rec *k,
+                                       const char *canonical)
+{
+    if (dek->state == KMS_DEK_DESTROYED)
+        return P11KMS_ERR_DEK_DESTROYED;
+    if (dek->state == KMS_DEK_REVOKED)
+        return P11KMS_ERR_DEK_REVOKED;
+    if (k->state != KMS_KEY_ENABLED)
+        return P11KMS_ERR_KEY_DISABLED;
+    if (dek->version < k->min_decrypt_version)
+        return P11KMS_ERR_VERSION_BELOW_MINIMUM;
+    if (dek->context == NULL || strcmp(dek->context, canonical) != 0)
+        return P11KMS_ERR_CONTEXT_MISMATCH;
+    return P11KMS_OK;
+}
+
+p11kms_status kms_dek_decrypt(kms_core *core, const char *dek_id, const json_t *context,
+                              kms_datakey *out)
+{
+    p11kms_status rv;
+    char *canonical = NULL;
+    kms_dek_rec *dek = NULL;
+    kms_key_rec *k = NULL;
+    const kms_version_rec *ver;
+    unsigned char *aad = NULL;
+    size_t aad_len = 0, pt_len = KMS_DEK_LEN;
+    kms_datakey result;
+    CK_RV crv;
+
+    memset(&result, 0, sizeof(result));
+    if (!kms_dek_id_valid(dek_id)) {
+        rv = P11KMS_ERR_DEK_NOT_FOUND;
+        goto out;
+    }
+    rv = kms_context_canonical(context, &canonical);
+    if (rv != P11KMS_OK)
+        goto out;
+    rv = kms_store_dek_get(kms_core_store(core), dek_id, &dek);
+    if (rv != P11KMS_OK)
+        goto out;
+    rv = kms_store_key_get_meta(kms_core_store(core), dek->key, &k);
+    if (rv != P11KMS_OK) {
+        if (rv == P11KMS_ERR_KEY_NOT_FOUND)
+            rv = P11KMS_ERR_INTERNAL;
+        goto out;
+    }
+    rv = check_decryptable(dek, k, canonical);
+    if (rv != P11KMS_OK)
+        goto out;
+    ver = kms_key_find_version(k, dek->version);
+    if (ver == NULL || ver->state != KMS_VERSION_ACTIVE || dek->wrapped_len == 0) {
+        LOG_ERROR("core", "data key %s refers to key %s version %u, which cannot unwrap it",
+                  dek_id, dek->key, dek->version);
+        rv = P11KMS_ERR_INTEGRITY_FAILURE;
+        goto out;
+    }
+    rv = kms_aad_build(dek->key, dek->version, dek->id, canonical, &aad, &aad_len);
+    if (rv != P11KMS_OK)
+        goto out;
+    crv = p11_unwrap(kms_core_token(core), ver->token_id, aad, aad_len, dek->wrapped,
+                     dek->wrapped_len, result.plaintext, &pt_len);
+    if (crv == CKR_OK && pt_len != KMS_DEK_LEN)
+        crv = CKR_ENCRYPTED_DATA_INVALID;
+    if (crv != CKR_OK) {
+        rv = kms_status_from_rv(crv);
+        if (rv == P11KMS_ERR_INTEGRITY_FAILURE)
+            LOG_ERROR("core", "INTEGRITY FAILURE: the stored wrapped bytes of data key %s "
+                              "(key %s version %u) fail authentication although the context "
+                              "matches: the store was altered or corrupted",
+                      dek_id, dek->key, dek->version);
+        goto out;
+    }
+    memcpy(result.id, dek->id, sizeof(result.id));
+    snprintf(result.key, sizeof(result.key), "%s", dek->key);
+    result.version = dek->version;
+    *out = result;
+out:
+    OPENSSL_cleanse(&result, sizeof(result));
+    free(aad);
+    free(canonical);
+    kms_dek_rec_free(dek);
+    kms_key_rec_free(k);
+    return rv;
+}

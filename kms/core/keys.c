@@ -1,0 +1,76 @@
+/*
+ * kms/core/keys.c - key lifecycle: create, show, list.
+ *
+ * Creating a key generates its version-1 KEK in the token first and only
+ * then commits the store row, so the store never refers to a missing
+ * object; if the commit fails the fresh object is destroyed (and, if even
+ * that fails, reconciled at the next start).
+ */
+#include <stdio.h>
+#include <time.h>
+
+#include "kms/core/core.h"
+#include "kms/core/internal.h"
+#include "module/log.h"
+
+void kms_kek_label(const char *name, uint32_t version, char *out, size_t len)
+{
+    snprintf(out, len, "%s%s:v%u", KMS_KEK_LABEL_PREFIX, name, version);
+}
+
+p11kms_status kms_key_create(kms_core *core, const char *name, kms_key_rec **out)
+{
+    p11kms_status rv;
+    kms_key_rec *existing = NULL;
+    unsigned char id[P11_KEK_ID_LEN];
+    char label[KMS_NAME_MAX + 32];
+    int created_object = 0;
+    CK_RV crv;
+
+    if (!kms_key_name_valid(name)) {
+        rv = P11KMS_ERR_BAD_REQUEST;
+        goto out;
+    }
+    rv = kms_store_key_get_meta(kms_core_store(core), name, &existing);
+    if (rv == P11KMS_OK) {
+        rv = P11KMS_ERR_KEY_EXISTS;
+        goto out;
+    }
+    if (rv != P11KMS_ERR_KEY_NOT_FOUND)
+        goto out;
+    kms_kek_label(name, 1, label, sizeof(label));
+    crv = p11_kek_create(kms_core_token(core), label, id);
+    if (crv != CKR_OK) {
+        rv = kms_status_from_rv(crv);
+        goto out;
+    }
+    created_object = 1;
+    rv = kms_store_key_create(kms_core_store(core), name, id, (int64_t)time(NULL));
+    if (rv != P11KMS_OK)
+        goto out;
+    created_object = 0;
+    LOG_INFO("core", "created key %s version 1", name);
+    rv = kms_store_key_get(kms_core_store(core), name, out);
+out:
+    if (created_object) {
+        crv = p11_kek_destroy(kms_core_token(core), id);
+        if (crv != CKR_OK)
+            LOG_ERROR("core", "cannot destroy the KEK object of failed key %s: %s "
+                              "(it is reconciled at the next start)",
+                      name, p11_rv_name(crv));
+    }
+    kms_key_rec_free(existing);
+    return rv;
+}
+
+p11kms_status kms_key_show(kms_core *core, const char *name, kms_key_rec **out)
+{
+    if (!kms_key_name_valid(name))
+        return P11KMS_ERR_BAD_REQUEST;
+    return kms_store_key_get(kms_core_store(core), name, out);
+}
+
+p11kms_status kms_key_list(kms_core *core, kms_key_rec ***out, size_t *count)
+{
+    return kms_store_key_list(kms_core_store(core), out, count);
+}
