@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# scripts/test.sh - build p11kms and run every test through ctest.
+#
+# Installs missing Debian packages, builds a release configuration in
+# build/ and an AddressSanitizer + UndefinedBehaviorSanitizer configuration
+# in build-asan/, and runs the whole ctest suite in both.  Each test starts
+# its own SoftHSM2 token in a temp dir.  Fails on the first failing suite.
+#
+#   scripts/test.sh           # what CI runs (.ci/run)
+#   scripts/test.sh --long    # also the long runs (extended fuzzing, soak)
+#   scripts/test.sh --quick   # the release build only, no sanitizers
+set -euo pipefail
+
+LONG=0
+QUICK=0
+for arg in "$@"; do
+  case "$arg" in
+    --long) LONG=1 ;;
+    --quick) QUICK=1 ;;
+    -h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "test.sh: unknown argument: $arg (try --help)" >&2; exit 2 ;;
+  esac
+done
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+JOBS="$(nproc)"
+start=$(date +%s)
+
+"$ROOT/scripts/deps.sh" test
+
+export P11KMS_TEST_LONG="$LONG"
+# Tests make temp dirs here; removed at the end whatever happens.
+TEST_TMP="$(mktemp -d /tmp/p11kms-tests.XXXXXX)"
+export TMPDIR="$TEST_TMP"
+cleanup() { rm -rf "$TEST_TMP"; }
+trap cleanup EXIT
+
+run_suite() {
+  local dir="$1"; shift
+  echo "== test.sh: configure $dir ($*)"
+  cmake -S "$ROOT" -B "$ROOT/$dir" "$@" >/dev/null
+  echo "== test.sh: build $dir"
+  cmake --build "$ROOT/$dir" -j"$JOBS" 2>&1 | grep -Ev '^\[ *[0-9]+%\]|^-- ' || true
+  cmake --build "$ROOT/$dir" -j"$JOBS" >/dev/null
+  echo "== test.sh: ctest $dir"
+  (cd "$ROOT/$dir" && ctest --output-on-failure -j"$JOBS" --timeout 900)
+}
+
+run_suite build -DCMAKE_BUILD_TYPE=RelWithDebInfo
+if [[ "$QUICK" == 0 ]]; then
+  # detect_leaks stays on; SoftHSM2's own leaks are suppressed in
+  # tests/lsan.supp, each with its reason.
+  export ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:strict_string_checks=1"
+  export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
+  run_suite build-asan -DCMAKE_BUILD_TYPE=Debug -DP11KMS_SANITIZE=ON
+fi
+
+echo "== test.sh: all suites passed in $(( $(date +%s) - start )) s"
