@@ -1,0 +1,478 @@
+/*
+ * module/kek.c - the KEK objects: create, destroy, exists, list, and the
+ * handle cache that maps a CKA_ID to its object handle so that a wrap
+ * never searches the token after the first use of a KEK.
+ *
+ * The cache is a chained hash table keyed by the 16-byte CKA_ID (random,
+ * so a few of its bytes mixed make a good hash).  It is dropped whole on
+ * any sign of a stale handle and on re-initialisation (handles belong to
+ * one module instance).  A lookup that missed records cache_gen first and
+ * inserts only if no flush happened meanwhile.
+ *
+ * Locking: ctx->cache_mu guards the table and is never held across a C_*
+ * call.  The operations run under p11_run (read lock, pooled session).
+ */
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/crypto.h>
+
+#include "internal.h"
+
+#define CACHE_INITIAL_BUCKETS 64
+#define LIST_BATCH            64
+#define KEK_BITS_BYTES        32 /* AES-256 */
+
+/* ---- the handle cache -------------------------------------------------- */
+
+static size_t bucket_of(const unsigned char *id, size_t n_buckets)
+{
+    uint64_t a, b;
+
+    memcpy(&a, id, 8);
+    memcpy(&b, id + 8, 8);
+    a ^= b * 0x9e3779b97f4a7c15ULL;
+    a ^= a >> 29;
+    return (size_t)(a & (n_buckets - 1));
+}
+
+CK_RV p11_cache_setup(p11_ctx *ctx)
+{
+    CK_RV rv = CKR_HOST_MEMORY;
+
+    ctx->buckets = calloc(CACHE_INITIAL_BUCKETS, sizeof(*ctx->buckets));
+    if (ctx->buckets == NULL)
+        goto out;
+    ctx->n_buckets = CACHE_INITIAL_BUCKETS;
+    if (pthread_mutex_init(&ctx->cache_mu, NULL) != 0) {
+        free(ctx->buckets);
+        ctx->buckets = NULL;
+        goto out;
+    }
+    rv = CKR_OK;
+out:
+    return rv;
+}
+
+static void free_entries(p11_ctx *ctx)
+{
+    for (size_t i = 0; i < ctx->n_buckets; i++) {
+        p11_kek_entry *e = ctx->buckets[i];
+        while (e != NULL) {
+            p11_kek_entry *next = e->next;
+            free(e);
+            e = next;
+        }
+        ctx->buckets[i] = NULL;
+    }
+    ctx->n_entries = 0;
+}
+
+void p11_cache_teardown(p11_ctx *ctx)
+{
+    free_entries(ctx);
+    free(ctx->buckets);
+    ctx->buckets = NULL;
+    pthread_mutex_destroy(&ctx->cache_mu);
+}
+
+void p11_cache_flush(p11_ctx *ctx)
+{
+    pthread_mutex_lock(&ctx->cache_mu);
+    free_entries(ctx);
+    ctx->cache_gen++;
+    pthread_mutex_unlock(&ctx->cache_mu);
+}
+
+/* Caller holds cache_mu. */
+static p11_kek_entry **cache_slot(p11_ctx *ctx, const unsigned char *id)
+{
+    p11_kek_entry **pp = &ctx->buckets[bucket_of(id, ctx->n_buckets)];
+
+    while (*pp != NULL && memcmp((*pp)->id, id, P11_KEK_ID_LEN) != 0)
+        pp = &(*pp)->next;
+    return pp;
+}
+
+/* Caller holds cache_mu.  Doubles the table; on no memory keeps it. */
+static void cache_grow(p11_ctx *ctx)
+{
+    size_t n = ctx->n_buckets * 2;
+    p11_kek_entry **nb = calloc(n, sizeof(*nb));
+
+    if (nb == NULL)
+        return;
+    for (size_t i = 0; i < ctx->n_buckets; i++) {
+        p11_kek_entry *e = ctx->buckets[i];
+        while (e != NULL) {
+            p11_kek_entry *next = e->next;
+            size_t b = bucket_of(e->id, n);
+            e->next = nb[b];
+            nb[b] = e;
+            e = next;
+        }
+    }
+    free(ctx->buckets);
+    ctx->buckets = nb;
+    ctx->n_buckets = n;
+}
+
+static int cache_get(p11_ctx *ctx, const unsigned char *id, CK_OBJECT_HANDLE *h, unsigned long *gen)
+{
+    int found = 0;
+    p11_kek_entry *e;
+
+    pthread_mutex_lock(&ctx->cache_mu);
+    e = *cache_slot(ctx, id);
+    if (e != NULL) {
+        *h = e->handle;
+        found = 1;
+    }
+    *gen = ctx->cache_gen;
+    pthread_mutex_unlock(&ctx->cache_mu);
+    return found;
+}
+
+/* Insert or update, unless the cache was flushed since gen was read. */
+static void cache_put(p11_ctx *ctx, const unsigned char *id, CK_OBJECT_HANDLE h, unsigned long gen)
+{
+    p11_kek_entry **pp, *e;
+
+    pthread_mutex_lock(&ctx->cache_mu);
+    if (gen != ctx->cache_gen)
+        goto out;
+    pp = cache_slot(ctx, id);
+    if (*pp != NULL) {
+        (*pp)->handle = h;
+        goto out;
+    }
+    e = malloc(sizeof(*e));
+    if (e == NULL) /* only a cache: carry on without it */
+        goto out;
+    memcpy(e->id, id, P11_KEK_ID_LEN);
+    e->handle = h;
+    e->next = NULL;
+    *pp = e;
+    if (++ctx->n_entries > ctx->n_buckets)
+        cache_grow(ctx);
+out:
+    pthread_mutex_unlock(&ctx->cache_mu);
+}
+
+static void cache_del(p11_ctx *ctx, const unsigned char *id)
+{
+    p11_kek_entry **pp, *e;
+
+    pthread_mutex_lock(&ctx->cache_mu);
+    pp = cache_slot(ctx, id);
+    e = *pp;
+    if (e != NULL) {
+        *pp = e->next;
+        free(e);
+        ctx->n_entries--;
+    }
+    ctx->cache_gen++; /* a lookup in flight must not re-insert it */
+    pthread_mutex_unlock(&ctx->cache_mu);
+}
+
+/* ---- finding ------------------------------------------------------------ */
+
+/* Search the token for the secret key with this CKA_ID. */
+static CK_RV find_kek(p11_ctx *ctx, CK_SESSION_HANDLE s, const unsigned char *id,
+                      CK_OBJECT_HANDLE *h, int *flags)
+{
+    CK_RV rv, rv2;
+    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    CK_ATTRIBUTE tmpl[] = {
+        {CKA_CLASS, &cls, sizeof(cls)},
+        {CKA_ID, (void *)id, P11_KEK_ID_LEN},
+    };
+    CK_OBJECT_HANDLE found[2];
+    CK_ULONG n = 0;
+
+    rv = P11_CALL(ctx, C_FindObjectsInit, s, tmpl, 2);
+    if (rv != CKR_OK)
+        goto out;
+    rv = P11_CALL(ctx, C_FindObjects, s, found, 2, &n);
+    rv2 = P11_CALL(ctx, C_FindObjectsFinal, s);
+    if (rv == CKR_OK)
+        rv = rv2;
+    if (rv2 != CKR_OK)
+        *flags |= P11_OP_DIRTY;
+    if (rv != CKR_OK)
+        goto out;
+    if (n == 0) {
+        rv = CKR_KEY_HANDLE_INVALID;
+        goto out;
+    }
+    if (n > 1)
+        LOG_WARN(P11_LOG_SUB, "several secret keys share one CKA_ID; using the first");
+    *h = found[0];
+out:
+    return rv;
+}
+
+CK_RV p11_kek_handle(p11_ctx *ctx, CK_SESSION_HANDLE s, const unsigned char *id,
+                     CK_OBJECT_HANDLE *h, int *flags)
+{
+    CK_RV rv = CKR_OK;
+    unsigned long gen;
+
+    if (cache_get(ctx, id, h, &gen)) {
+        *flags |= P11_OP_CACHED;
+        goto out;
+    }
+    rv = find_kek(ctx, s, id, h, flags);
+    if (rv == CKR_OK)
+        cache_put(ctx, id, *h, gen);
+out:
+    return rv;
+}
+
+/* ---- create ------------------------------------------------------------- */
+
+struct create_arg {
+    const char *label;
+    unsigned char id[P11_KEK_ID_LEN];
+};
+
+static CK_RV op_create(p11_ctx *ctx, CK_SESSION_HANDLE s, void *argp, int *flags)
+{
+    struct create_arg *arg = argp;
+    CK_RV rv;
+    CK_BBOOL yes = CK_TRUE, no = CK_FALSE;
+    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    CK_KEY_TYPE kt = CKK_AES;
+    CK_ULONG value_len = KEK_BITS_BYTES;
+    CK_MECHANISM_TYPE allowed[] = {CKM_AES_GCM};
+    CK_MECHANISM gen = {CKM_AES_KEY_GEN, NULL, 0};
+    CK_OBJECT_HANDLE h = CK_INVALID_HANDLE, unused;
+    unsigned long cache_gen;
+    CK_ATTRIBUTE tmpl[] = {
+        {CKA_CLASS, &cls, sizeof(cls)},
+        {CKA_KEY_TYPE, &kt, sizeof(kt)},
+        {CKA_VALUE_LEN, &value_len, sizeof(value_len)},
+        {CKA_TOKEN, &yes, sizeof(yes)},
+        {CKA_PRIVATE, &yes, sizeof(yes)},
+        {CKA_SENSITIVE, &yes, sizeof(yes)},
+        {CKA_EXTRACTABLE, &no, sizeof(no)},
+        {CKA_ENCRYPT, &yes, sizeof(yes)},
+        {CKA_DECRYPT, &yes, sizeof(yes)},
+        {CKA_SIGN, &no, sizeof(no)},
+        {CKA_VERIFY, &no, sizeof(no)},
+        {CKA_WRAP, &no, sizeof(no)},
+        {CKA_UNWRAP, &no, sizeof(no)},
+        {CKA_DERIVE, &no, sizeof(no)},
+        {CKA_MODIFIABLE, &no, sizeof(no)}, /* C_DestroyObject still works */
+        {CKA_COPYABLE, &no, sizeof(no)},
+        {CKA_ALLOWED_MECHANISMS, allowed, sizeof(allowed)},
+        {CKA_ID, arg->id, P11_KEK_ID_LEN},
+        {CKA_LABEL, (void *)arg->label, strlen(arg->label)},
+    };
+
+    (void)flags;
+    rv = P11_CALL(ctx, C_GenerateRandom, s, arg->id, P11_KEK_ID_LEN);
+    if (rv != CKR_OK)
+        goto out;
+    (void)cache_get(ctx, arg->id, &unused, &cache_gen);
+    rv = P11_CALL(ctx, C_GenerateKey, s, &gen, tmpl, sizeof(tmpl) / sizeof(tmpl[0]), &h);
+    if (rv != CKR_OK)
+        goto out;
+    cache_put(ctx, arg->id, h, cache_gen);
+out:
+    return rv;
+}
+
+CK_RV p11_kek_create(p11_ctx *ctx, const char *label, unsigned char id[P11_KEK_ID_LEN])
+{
+    CK_RV rv = CKR_ARGUMENTS_BAD;
+    struct create_arg arg;
+
+    if (ctx == NULL || label == NULL || id == NULL)
+        goto out;
+    arg.label = label;
+    rv = p11_run(ctx, op_create, &arg);
+    if (rv == CKR_OK)
+        memcpy(id, arg.id, P11_KEK_ID_LEN);
+out:
+    return rv;
+}
+
+/* ---- destroy, exists ------------------------------------------------------ */
+
+static CK_RV op_destroy(p11_ctx *ctx, CK_SESSION_HANDLE s, void *arg, int *flags)
+{
+    const unsigned char *id = arg;
+    CK_RV rv;
+    CK_OBJECT_HANDLE h;
+
+    rv = p11_kek_handle(ctx, s, id, &h, flags);
+    if (rv != CKR_OK)
+        goto out;
+    rv = P11_CALL(ctx, C_DestroyObject, s, h);
+    if (rv != CKR_OK)
+        goto out;
+    cache_del(ctx, id);
+out:
+    return rv;
+}
+
+CK_RV p11_kek_destroy(p11_ctx *ctx, const unsigned char id[P11_KEK_ID_LEN])
+{
+    if (ctx == NULL || id == NULL)
+        return CKR_ARGUMENTS_BAD;
+    return p11_run(ctx, op_destroy, (void *)id);
+}
+
+/* Always asks the token (another node may have destroyed it), and
+ * refreshes the cache with the answer. */
+static CK_RV op_exists(p11_ctx *ctx, CK_SESSION_HANDLE s, void *arg, int *flags)
+{
+    const unsigned char *id = arg;
+    CK_RV rv;
+    CK_OBJECT_HANDLE h;
+    CK_OBJECT_HANDLE unused;
+    unsigned long gen;
+
+    (void)cache_get(ctx, id, &unused, &gen);
+    rv = find_kek(ctx, s, id, &h, flags);
+    if (rv == CKR_OK)
+        cache_put(ctx, id, h, gen);
+    else if (rv == CKR_KEY_HANDLE_INVALID)
+        cache_del(ctx, id);
+    return rv;
+}
+
+CK_RV p11_kek_exists(p11_ctx *ctx, const unsigned char id[P11_KEK_ID_LEN])
+{
+    if (ctx == NULL || id == NULL)
+        return CKR_ARGUMENTS_BAD;
+    return p11_run(ctx, op_exists, (void *)id);
+}
+
+/* ---- list --------------------------------------------------------------- */
+
+struct list_arg {
+    const char *prefix;
+    size_t prefix_len;
+    unsigned char (*ids)[P11_KEK_ID_LEN];
+    size_t count, cap;
+};
+
+static CK_RV list_add(struct list_arg *arg, const unsigned char *id)
+{
+    if (arg->count == arg->cap) {
+        size_t cap = arg->cap ? arg->cap * 2 : 16;
+        void *p = realloc(arg->ids, cap * sizeof(*arg->ids));
+        if (p == NULL)
+            return CKR_HOST_MEMORY;
+        arg->ids = p;
+        arg->cap = cap;
+    }
+    memcpy(arg->ids[arg->count++], id, P11_KEK_ID_LEN);
+    return CKR_OK;
+}
+
+/* Collect every secret-key handle, then read CKA_ID and CKA_LABEL of each
+ * (the search is finished first, so no other call overlaps it). */
+static CK_RV op_list(p11_ctx *ctx, CK_SESSION_HANDLE s, void *argp, int *flags)
+{
+    struct list_arg *arg = argp;
+    CK_RV rv, rv2;
+    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    CK_ATTRIBUTE tmpl[] = {{CKA_CLASS, &cls, sizeof(cls)}};
+    CK_OBJECT_HANDLE *hs = NULL;
+    size_t n_hs = 0, cap_hs = 0, i;
+    CK_ULONG got;
+    char *label = NULL;
+    int searching = 0;
+
+    arg->count = 0; /* a retry starts over */
+    rv = P11_CALL(ctx, C_FindObjectsInit, s, tmpl, 1);
+    if (rv != CKR_OK)
+        goto out;
+    searching = 1;
+    do {
+        if (cap_hs - n_hs < LIST_BATCH) {
+            void *p = realloc(hs, (cap_hs + LIST_BATCH * 4) * sizeof(*hs));
+            if (p == NULL) {
+                rv = CKR_HOST_MEMORY;
+                goto out;
+            }
+            hs = p;
+            cap_hs += LIST_BATCH * 4;
+        }
+        got = 0;
+        rv = P11_CALL(ctx, C_FindObjects, s, hs + n_hs, LIST_BATCH, &got);
+        if (rv != CKR_OK)
+            goto out;
+        n_hs += got;
+    } while (got == LIST_BATCH);
+    searching = 0;
+    rv = P11_CALL(ctx, C_FindObjectsFinal, s);
+    if (rv != CKR_OK) {
+        *flags |= P11_OP_DIRTY;
+        goto out;
+    }
+
+    for (i = 0; i < n_hs; i++) {
+        unsigned char id[P11_KEK_ID_LEN];
+        CK_ATTRIBUTE a[] = {{CKA_ID, NULL, 0}, {CKA_LABEL, NULL, 0}};
+
+        rv = P11_CALL(ctx, C_GetAttributeValue, s, hs[i], a, 2);
+        if (rv != CKR_OK)
+            goto out;
+        if (a[0].ulValueLen != P11_KEK_ID_LEN || a[1].ulValueLen == (CK_ULONG)-1 ||
+            a[1].ulValueLen < arg->prefix_len)
+            continue;
+        label = malloc(a[1].ulValueLen + 1);
+        if (label == NULL) {
+            rv = CKR_HOST_MEMORY;
+            goto out;
+        }
+        a[0].pValue = id;
+        a[1].pValue = label;
+        rv = P11_CALL(ctx, C_GetAttributeValue, s, hs[i], a, 2);
+        if (rv != CKR_OK)
+            goto out;
+        if (memcmp(label, arg->prefix, arg->prefix_len) == 0) {
+            rv = list_add(arg, id);
+            if (rv != CKR_OK)
+                goto out;
+        }
+        free(label);
+        label = NULL;
+    }
+    rv = CKR_OK;
+out:
+    if (searching) {
+        rv2 = P11_CALL(ctx, C_FindObjectsFinal, s);
+        if (rv2 != CKR_OK)
+            *flags |= P11_OP_DIRTY;
+    }
+    free(label);
+    free(hs);
+    return rv;
+}
+
+CK_RV p11_kek_list(p11_ctx *ctx, const char *label_prefix, unsigned char (**ids)[P11_KEK_ID_LEN],
+                   size_t *count)
+{
+    CK_RV rv = CKR_ARGUMENTS_BAD;
+    struct list_arg arg;
+
+    memset(&arg, 0, sizeof(arg));
+    if (ctx == NULL || ids == NULL || count == NULL)
+        goto out;
+    arg.prefix = label_prefix ? label_prefix : "";
+    arg.prefix_len = strlen(arg.prefix);
+    rv = p11_run(ctx, op_list, &arg);
+    if (rv != CKR_OK)
+        goto out;
+    *ids = arg.ids;
+    *count = arg.count;
+    arg.ids = NULL;
+out:
+    free(arg.ids);
+    return rv;
+}
