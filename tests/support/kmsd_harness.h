@@ -16,23 +16,23 @@
 
 #include <curl/curl.h>
 
-#include "support/testtoken.h"
+#include "testtoken.h"
 
 typedef struct kh_kmsd {
     const char *kmsd; /* path of the kmsd binary */
     tt_token tt;
-    char dir[256];    /* = tt.dir */
+    char dir[256]; /* = tt.dir */
     char conf[320];
     char pin[320];
     char sock[320];
     char db[320];
     char log[320];
-    pid_t pid;        /* 0 when not running */
+    pid_t pid; /* 0 when not running */
 } kh_kmsd;
 
 typedef struct kh_response {
     long status;
-    char *body;    /* NUL-terminated */
+    char *body; /* NUL-terminated */
     size_t len;
     char *headers; /* raw response headers, NUL-terminated */
 } kh_response;
@@ -69,9 +69,8 @@ int kh_request(const char *sock, const char *method, const char *path, const cha
                size_t body_len, const char *const *headers, kh_response *out);
 
 /* Same with a caller-owned handle (keep-alive across calls). */
-int kh_request_h(CURL *c, const char *sock, const char *method, const char *path,
-                 const char *body, size_t body_len, const char *const *headers,
-                 kh_response *out);
+int kh_request_h(CURL *c, const char *sock, const char *method, const char *path, const char *body,
+                 size_t body_len, const char *const *headers, kh_response *out);
 
 void kh_response_free(kh_response *r);
 

@@ -1,0 +1,348 @@
+/*
+ * kms/server/framing.c - the request framing guard (see framing.h).
+ *
+ * One small state machine per connection, run by libevent's filtering
+ * bufferevent on every read: HEAD (waiting for a complete head), BODY
+ * (passing n body bytes through), DRAIN (discarding n body bytes of a
+ * refused request, then emitting its synthetic head) and DISCARD
+ * (dropping everything until evhttp closes the connection).
+ */
+#include "kms/server/framing.h"
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include <event2/buffer.h>
+
+#define TARGET_MAX 4096
+
+enum state { ST_HEAD, ST_BODY, ST_DRAIN, ST_DISCARD };
+
+typedef struct framing {
+    size_t max_body, max_head;
+    enum state state;
+    uint64_t remaining; /* ST_BODY, ST_DRAIN */
+    char *pending;      /* synthetic head emitted after ST_DRAIN */
+    const char *refuse_all;
+    void (*on_close)(void *);
+    void *arg;
+} framing;
+
+static const char *const known_methods[] = {"GET",     "POST",  "HEAD",    "PUT",   "DELETE",
+                                            "OPTIONS", "TRACE", "CONNECT", "PATCH", NULL};
+
+static int method_known(const char *m)
+{
+    for (size_t i = 0; known_methods[i] != NULL; i++)
+        if (strcmp(m, known_methods[i]) == 0)
+            return 1;
+    return 0;
+}
+
+static int method_takes_body(const char *m)
+{
+    return strcmp(m, "POST") == 0 || strcmp(m, "PUT") == 0 || strcmp(m, "PATCH") == 0;
+}
+
+static int target_ok(const char *t)
+{
+    size_t n = strlen(t);
+
+    if (n == 0 || n > TARGET_MAX || t[0] != '/')
+        return 0;
+    for (size_t i = 0; i < n; i++)
+        if ((unsigned char)t[i] <= 0x20 || (unsigned char)t[i] >= 0x7f)
+            return 0;
+    return 1;
+}
+
+/* Length of the complete head at the start of src (through its empty
+ * line), 0 when incomplete. */
+static size_t head_length(struct evbuffer *src, size_t limit)
+{
+    struct evbuffer_ptr pos, eol;
+    size_t eol_len = 0, line_start = 0;
+
+    evbuffer_ptr_set(src, &pos, 0, EVBUFFER_PTR_SET);
+    for (;;) {
+        eol = evbuffer_search_eol(src, &pos, &eol_len, EVBUFFER_EOL_CRLF);
+        if (eol.pos < 0)
+            return 0;
+        if ((size_t)eol.pos == line_start && line_start > 0)
+            return (size_t)eol.pos + eol_len;
+        line_start = (size_t)eol.pos + eol_len;
+        if (line_start > limit)
+            return 0;
+        if (evbuffer_ptr_set(src, &pos, line_start, EVBUFFER_PTR_SET) != 0)
+            return 0;
+    }
+}
+
+typedef struct head_info {
+    char method[16];
+    char target[TARGET_MAX + 1];
+    int have_line;          /* method and target are valid */
+    int64_t content_length; /* -1: none */
+    int expect_continue;
+    const char *refuse; /* reason, NULL when fine */
+} head_info;
+
+static void parse_head(char *head, size_t max_body, head_info *h)
+{
+    char *save = NULL, *line, *sp1, *sp2;
+    int first = 1;
+
+    h->content_length = -1;
+    for (line = strtok_r(head, "\n", &save); line != NULL; line = strtok_r(NULL, "\n", &save)) {
+        size_t n = strlen(line);
+        char *colon, *value, *end;
+
+        if (n > 0 && line[n - 1] == '\r')
+            line[--n] = '\0';
+        if (first) {
+            first = 0;
+            sp1 = strchr(line, ' ');
+            sp2 = sp1 != NULL ? strchr(sp1 + 1, ' ') : NULL;
+            if (sp1 == NULL || sp2 == NULL || strchr(sp2 + 1, ' ') != NULL ||
+                (size_t)(sp1 - line) >= sizeof(h->method)) {
+                h->refuse = KMS_FRAMING_MALFORMED;
+                return;
+            }
+            *sp1 = *sp2 = '\0';
+            if (!target_ok(sp1 + 1) ||
+                (strcmp(sp2 + 1, "HTTP/1.1") != 0 && strcmp(sp2 + 1, "HTTP/1.0") != 0)) {
+                h->refuse = KMS_FRAMING_MALFORMED;
+                return;
+            }
+            snprintf(h->method, sizeof(h->method), "%s", line);
+            snprintf(h->target, sizeof(h->target), "%s", sp1 + 1);
+            h->have_line = 1;
+            if (!method_known(h->method))
+                h->refuse = KMS_FRAMING_METHOD;
+            continue;
+        }
+        if (n == 0)
+            break;
+        colon = strchr(line, ':');
+        if (line[0] == ' ' || line[0] == '\t' || colon == NULL || colon == line) {
+            h->refuse = KMS_FRAMING_MALFORMED; /* obsolete folding or no name */
+            return;
+        }
+        *colon = '\0';
+        value = colon + 1;
+        while (*value == ' ' || *value == '\t')
+            value++;
+        end = value + strlen(value);
+        while (end > value && (end[-1] == ' ' || end[-1] == '\t'))
+            *--end = '\0';
+        if (strcasecmp(line, KMS_FRAMING_HEADER) == 0) {
+            h->refuse = KMS_FRAMING_MALFORMED;
+            return;
+        }
+        if (strcasecmp(line, "Transfer-Encoding") == 0) {
+            if (h->refuse == NULL)
+                h->refuse = KMS_FRAMING_CHUNKED;
+        } else if (strcasecmp(line, "Content-Length") == 0) {
+            uint64_t v = 0;
+            if (h->content_length >= 0 || *value == '\0') {
+                h->refuse = KMS_FRAMING_MALFORMED;
+                return;
+            }
+            for (const char *c = value; *c != '\0'; c++) {
+                if (*c < '0' || *c > '9' || v > (UINT64_C(1) << 52)) {
+                    h->refuse = KMS_FRAMING_MALFORMED;
+                    return;
+                }
+                v = v * 10 + (uint64_t)(*c - '0');
+            }
+            h->content_length = (int64_t)v;
+        } else if (strcasecmp(line, "Expect") == 0) {
+            h->expect_continue = strcasecmp(value, "100-continue") == 0;
+        }
+    }
+    if (h->refuse != NULL)
+        return;
+    if (h->content_length > 0 && !method_takes_body(h->method))
+        h->refuse = KMS_FRAMING_UNEXPECTED_BODY;
+    else if (h->content_length > (int64_t)max_body)
+        h->refuse = KMS_FRAMING_TOO_LARGE;
+}
+
+static char *synthetic_head(const head_info *h, const char *reason)
+{
+    char *out = NULL;
+    const char *method = "GET", *target = "/";
+
+    if (h->have_line) {
+        target = h->target;
+        if (method_known(h->method))
+            method = h->method;
+    }
+    if (asprintf(&out, "%s %s HTTP/1.1\r\n" KMS_FRAMING_HEADER ": %s\r\nContent-Length: 0\r\n\r\n",
+                 method, target, reason) < 0)
+        return NULL;
+    return out;
+}
+
+/* Handle one complete or over-long head.  Returns 1 if bytes went to dst. */
+static int on_head(framing *f, struct evbuffer *src, struct evbuffer *dst, size_t len,
+                   const char *forced)
+{
+    head_info h;
+    char *head = NULL, *syn = NULL;
+    int emitted = 0;
+
+    memset(&h, 0, sizeof(h));
+    if (forced != NULL) {
+        h.refuse = forced;
+        h.content_length = -1;
+    } else {
+        head = malloc(len + 1);
+        if (head == NULL) {
+            h.refuse = KMS_FRAMING_MALFORMED;
+        } else {
+            evbuffer_copyout(src, head, len);
+            head[len] = '\0';
+            parse_head(head, f->max_body, &h);
+            if (f->refuse_all != NULL && h.refuse == NULL)
+                h.refuse = f->refuse_all;
+        }
+    }
+    if (h.refuse == NULL) {
+        evbuffer_remove_buffer(src, dst, len);
+        emitted = 1;
+        if (h.content_length > 0) {
+            f->state = ST_BODY;
+            f->remaining = (uint64_t)h.content_length;
+        }
+        goto out;
+    }
+    syn = synthetic_head(&h, h.refuse);
+    if (forced != NULL)
+        evbuffer_drain(src, evbuffer_get_length(src));
+    else
+        evbuffer_drain(src, len);
+    if (syn == NULL) {
+        f->state = ST_DISCARD; /* out of memory: the timeout closes it */
+        goto out;
+    }
+    /* Only a refusal whose framing is sound can wait for its body. */
+    if (h.content_length > 0 && !h.expect_continue &&
+        (strcmp(h.refuse, KMS_FRAMING_TOO_LARGE) == 0 ||
+         strcmp(h.refuse, KMS_FRAMING_UNEXPECTED_BODY) == 0 ||
+         strcmp(h.refuse, KMS_FRAMING_METHOD) == 0 || strcmp(h.refuse, KMS_FRAMING_BUSY) == 0)) {
+        /* Read the refused body first, then answer. */
+        f->state = ST_DRAIN;
+        f->remaining = (uint64_t)h.content_length;
+        f->pending = syn;
+        syn = NULL;
+        goto out;
+    }
+    evbuffer_add(dst, syn, strlen(syn));
+    emitted = 1;
+    f->state = ST_DISCARD;
+out:
+    free(head);
+    free(syn);
+    return emitted;
+}
+
+static enum bufferevent_filter_result framing_in(struct evbuffer *src, struct evbuffer *dst,
+                                                 ev_ssize_t lim, enum bufferevent_flush_mode mode,
+                                                 void *arg)
+{
+    framing *f = arg;
+    int emitted = 0;
+    size_t avail, n;
+
+    (void)lim;
+    (void)mode;
+    for (;;) {
+        avail = evbuffer_get_length(src);
+        if (f->state == ST_DISCARD) {
+            evbuffer_drain(src, avail);
+            break;
+        }
+        if (avail == 0 && !(f->state == ST_DRAIN && f->remaining == 0))
+            break;
+        if (f->state == ST_BODY || f->state == ST_DRAIN) {
+            n = avail < f->remaining ? avail : (size_t)f->remaining;
+            if (f->state == ST_BODY) {
+                evbuffer_remove_buffer(src, dst, n);
+                emitted = emitted || n > 0;
+            } else {
+                evbuffer_drain(src, n);
+            }
+            f->remaining -= n;
+            if (f->remaining > 0)
+                break;
+            if (f->state == ST_DRAIN) {
+                evbuffer_add(dst, f->pending, strlen(f->pending));
+                free(f->pending);
+                f->pending = NULL;
+                emitted = 1;
+                f->state = ST_DISCARD;
+            } else {
+                f->state = ST_HEAD;
+            }
+            continue;
+        }
+        /* ST_HEAD */
+        n = head_length(src, f->max_head);
+        if (n == 0) {
+            if (avail > f->max_head)
+                emitted |= on_head(f, src, dst, avail, KMS_FRAMING_HEAD_TOO_LARGE);
+            break;
+        }
+        if (n > f->max_head) {
+            emitted |= on_head(f, src, dst, n, KMS_FRAMING_HEAD_TOO_LARGE);
+            break;
+        }
+        emitted |= on_head(f, src, dst, n, NULL);
+    }
+    return emitted ? BEV_OK : BEV_NEED_MORE;
+}
+
+static void framing_free(void *arg)
+{
+    framing *f = arg;
+
+    if (f == NULL)
+        return;
+    if (f->on_close != NULL)
+        f->on_close(f->arg);
+    free(f->pending);
+    free(f);
+}
+
+struct bufferevent *kms_framing_new(struct event_base *base, size_t max_body, size_t max_head,
+                                    const char *refuse_all, void (*on_close)(void *), void *arg)
+{
+    struct bufferevent *under = NULL, *filter = NULL;
+    framing *f = calloc(1, sizeof(*f));
+
+    if (f == NULL)
+        goto out;
+    f->max_body = max_body;
+    f->max_head = max_head;
+    f->refuse_all = refuse_all;
+    under = bufferevent_socket_new(base, -1, BEV_OPT_CLOSE_ON_FREE);
+    if (under == NULL)
+        goto out;
+    filter =
+        bufferevent_filter_new(under, framing_in, NULL, BEV_OPT_CLOSE_ON_FREE, framing_free, f);
+    if (filter == NULL)
+        goto out;
+    f->on_close = on_close; /* from now on the filter owns f */
+    f->arg = arg;
+    under = NULL;
+    f = NULL;
+out:
+    if (under != NULL)
+        bufferevent_free(under);
+    framing_free(f);
+    return filter;
+}

@@ -1,0 +1,54 @@
+/*
+ * kms/server/framing.h - request framing guard in front of evhttp.
+ *
+ * libevent 2.1's evhttp answers its own errors (body too large, chunked
+ * body over its cap, malformed heads, unknown methods) with an HTML page,
+ * and buffers a whole request body before the request callback runs.  The
+ * contract wants every error as JSON and a body over the limit refused
+ * before it is buffered.  So every connection's bufferevent is an input
+ * filter that reads each request head before evhttp does:
+ *
+ *   - a head that is fine is passed on unchanged, and so is its body
+ *     (Content-Length bytes); pipelining and keep-alive keep working;
+ *   - a head that must be refused (Content-Length over max_body, any
+ *     Transfer-Encoding, a body on a method that takes none, a head over
+ *     max_head bytes, folded or malformed headers, an unknown method) is
+ *     replaced by a synthetic bodiless request with the same method and
+ *     target (where they were valid) and the header KMS_FRAMING_HEADER
+ *     naming the reason.  The request callback answers it with a JSON
+ *     error and closes the connection once the reply is written.  A refused body of known length is
+ * read and discarded first (so the client is not cut off mid-upload and never sees a reset);
+ * anything else after a refusal is discarded until the connection closes.
+ *
+ * A client may not send KMS_FRAMING_HEADER itself (refused as malformed).
+ * Memory per connection is bounded by max_head + max_body.  Each filter
+ * belongs to one event loop thread; no locking.
+ */
+#ifndef P11KMS_KMS_SERVER_FRAMING_H
+#define P11KMS_KMS_SERVER_FRAMING_H
+
+#include <stddef.h>
+
+#include <event2/bufferevent.h>
+#include <event2/event.h>
+
+#define KMS_FRAMING_HEADER "X-P11kms-Refused"
+
+/* Reasons (values of KMS_FRAMING_HEADER). */
+#define KMS_FRAMING_TOO_LARGE       "too-large" /* Content-Length > max_body */
+#define KMS_FRAMING_CHUNKED         "chunked"   /* Transfer-Encoding */
+#define KMS_FRAMING_UNEXPECTED_BODY "body"      /* body on GET/HEAD/DELETE/... */
+#define KMS_FRAMING_HEAD_TOO_LARGE  "head-too-large"
+#define KMS_FRAMING_MALFORMED       "malformed" /* bad request line or header */
+#define KMS_FRAMING_METHOD          "method"    /* method evhttp does not know */
+#define KMS_FRAMING_BUSY            "busy"      /* over max_connections */
+
+/* A new connection bufferevent (no fd yet: evhttp sets it) for
+ * evhttp_set_bevcb.  refuse_all: when not NULL, the first request is
+ * refused with this reason whatever it is (used for KMS_FRAMING_BUSY).
+ * on_close(arg) is called when the connection's bufferevent is freed.
+ * NULL when out of memory (on_close is then not called). */
+struct bufferevent *kms_framing_new(struct event_base *base, size_t max_body, size_t max_head,
+                                    const char *refuse_all, void (*on_close)(void *), void *arg);
+
+#endif

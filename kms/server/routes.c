@@ -1,0 +1,666 @@
+/*
+ * kms/server/routes.c - the route table, request validation, handlers and
+ * JSON rendering of kmsd (see routes.h and docs/api.md).
+ *
+ * The route table lists every route of the contract, so a wrong method on
+ * a known path is 405 and not 404; routes of later releases answer
+ * 404 not_found "not implemented yet".  Literal path segments win over
+ * parameters (POST /v1/datakeys/revoke is not a DEK id).
+ *
+ * Secrets: a plaintext DEK exists here only inside a kms_datakey on the
+ * worker's stack, a base64 buffer on the stack, jansson's copy of that
+ * string and the rendered reply body.  All are wiped (OPENSSL_cleanse)
+ * before they are released; the body is wiped by whoever frees it.
+ * No state: every function works on its arguments only.
+ */
+#include "kms/server/routes.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <jansson.h>
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+
+#include "kms/server/framing.h"
+#include "module/log.h"
+
+typedef enum route_id {
+    R_HEALTH,
+    R_KEY_CREATE,
+    R_KEY_LIST,
+    R_KEY_SHOW,
+    R_DATAKEY_GENERATE,
+    R_DATAKEY_DECRYPT,
+    R_LATER, /* a contract route of a later release */
+} route_id;
+
+typedef struct route {
+    const char *method;
+    const char *pattern; /* '*' is one path segment */
+    route_id id;
+    const char *name; /* for the log */
+} route;
+
+static const route routes[] = {
+    {"GET", "/v1/health", R_HEALTH, "health"},
+    {"POST", "/v1/keys", R_KEY_CREATE, "key.create"},
+    {"GET", "/v1/keys", R_KEY_LIST, "key.list"},
+    {"GET", "/v1/keys/*", R_KEY_SHOW, "key.show"},
+    {"POST", "/v1/keys/*/rotate", R_LATER, "key.rotate"},
+    {"POST", "/v1/keys/*/disable", R_LATER, "key.disable"},
+    {"POST", "/v1/keys/*/enable", R_LATER, "key.enable"},
+    {"POST", "/v1/keys/*/config", R_LATER, "key.config"},
+    {"POST", "/v1/keys/*/rewrap", R_LATER, "key.rewrap"},
+    {"DELETE", "/v1/keys/*/versions/*", R_LATER, "key.retire"},
+    {"POST", "/v1/keys/*/datakeys", R_DATAKEY_GENERATE, "datakey.generate"},
+    {"POST", "/v1/datakeys/*/decrypt", R_DATAKEY_DECRYPT, "datakey.decrypt"},
+    {"GET", "/v1/datakeys/*", R_LATER, "datakey.show"},
+    {"DELETE", "/v1/datakeys/*", R_LATER, "datakey.destroy"},
+    {"GET", "/v1/datakeys", R_LATER, "datakey.list"},
+    {"POST", "/v1/datakeys/*/revoke", R_LATER, "datakey.revoke"},
+    {"POST", "/v1/datakeys/revoke", R_LATER, "datakey.bulk_revoke"},
+    {"POST", "/v1/datakeys/destroy", R_LATER, "datakey.bulk_destroy"},
+    {"GET", "/v1/audit", R_LATER, "audit.list"},
+    {"GET", "/v1/audit/verify", R_LATER, "audit.verify"},
+    {"GET", "/v1/status", R_LATER, "status"},
+    {"GET", "/metrics", R_LATER, "metrics"},
+};
+#define N_ROUTES   (sizeof(routes) / sizeof(routes[0]))
+#define MAX_PARAMS 2
+#define PARAM_MAX  128
+
+struct kms_call {
+    const route *route;
+    char name[KMS_NAME_MAX + 1];
+    char dek_id[KMS_DEK_ID_LEN + 1];
+    json_t *context; /* validated; NULL for none */
+};
+
+/* ---- replies ---- */
+
+void kms_reply_clear(kms_reply *r)
+{
+    if (r->body != NULL) {
+        OPENSSL_cleanse(r->body, r->len);
+        free(r->body);
+    }
+    r->body = NULL;
+    r->len = 0;
+}
+
+/* Render obj (reference stolen) as the reply body. */
+static void reply_json(kms_reply *r, int status, json_t *obj)
+{
+    size_t need;
+
+    kms_reply_clear(r);
+    r->status = status;
+    if (obj == NULL)
+        goto oom;
+    need = json_dumpb(obj, NULL, 0, JSON_COMPACT);
+    if (need == 0 || (r->body = malloc(need)) == NULL)
+        goto oom;
+    r->len = json_dumpb(obj, r->body, need, JSON_COMPACT);
+    if (r->len != need) {
+        kms_reply_clear(r);
+        goto oom;
+    }
+    json_decref(obj);
+    return;
+oom:
+    json_decref(obj);
+    r->status = 500;
+    r->body = strdup("{\"error\":{\"code\":\"internal\",\"message\":\"out of memory\"}}");
+    r->len = r->body != NULL ? strlen(r->body) : 0;
+}
+
+static json_t *error_object(p11kms_status s, const char *message)
+{
+    return json_pack("{s:{s:s,s:s}}", "error", "code", p11kms_status_code(s), "message", message);
+}
+
+void kms_reply_error(kms_reply *r, p11kms_status s, const char *fmt, ...)
+{
+    char msg[512];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof(msg), fmt, ap);
+    va_end(ap);
+    reply_json(r, p11kms_status_http(s), error_object(s, msg));
+    if (s == P11KMS_ERR_OVERLOADED)
+        r->retry_after = 1;
+}
+
+/* ---- route matching ---- */
+
+/* Match path against pattern; params receive the '*' segments. */
+static int match(const char *pattern, const char *path, char params[MAX_PARAMS][PARAM_MAX],
+                 int *n_params, int *wildcards)
+{
+    const char *p = pattern, *s = path;
+
+    *n_params = 0;
+    *wildcards = 0;
+    while (*p != '\0' && *s != '\0') {
+        if (*p == '*') {
+            size_t len = strcspn(s, "/");
+            if (len == 0 || *n_params == MAX_PARAMS)
+                return 0;
+            snprintf(params[*n_params], PARAM_MAX, "%.*s", (int)len, s);
+            if (len >= PARAM_MAX)
+                params[*n_params][PARAM_MAX - 2] = '~'; /* too long: never valid */
+            (*n_params)++;
+            (*wildcards)++;
+            p++;
+            s += len;
+            continue;
+        }
+        if (*p != *s)
+            return 0;
+        p++;
+        s++;
+    }
+    return *p == '\0' && *s == '\0';
+}
+
+typedef struct route_match {
+    const route *route; /* the route of the method, or NULL */
+    int path_known;     /* some route has this path */
+    char allow[96];     /* methods of this path */
+    char params[MAX_PARAMS][PARAM_MAX];
+} route_match;
+
+static void find_route(const char *method, const char *path, route_match *m)
+{
+    char params[MAX_PARAMS][PARAM_MAX];
+    int n, wild, best = 99;
+
+    memset(m, 0, sizeof(*m));
+    /* The most literal pattern that matches wins. */
+    for (size_t i = 0; i < N_ROUTES; i++)
+        if (match(routes[i].pattern, path, params, &n, &wild) && wild < best)
+            best = wild;
+    if (best == 99)
+        return;
+    m->path_known = 1;
+    for (size_t i = 0; i < N_ROUTES; i++) {
+        if (!match(routes[i].pattern, path, params, &n, &wild) || wild != best)
+            continue;
+        if (strstr(m->allow, routes[i].method) == NULL) {
+            size_t used = strlen(m->allow);
+            snprintf(m->allow + used, sizeof(m->allow) - used, "%s%s", used ? ", " : "",
+                     routes[i].method);
+        }
+        if (method != NULL && strcmp(routes[i].method, method) == 0) {
+            m->route = &routes[i];
+            memcpy(m->params, params, sizeof(params));
+        }
+    }
+}
+
+/* ---- body validation ---- */
+
+static size_t json_depth(const json_t *j)
+{
+    size_t max = 0, d;
+    const char *key;
+    json_t *v;
+    size_t i;
+
+    if (json_is_object(j)) {
+        json_object_foreach((json_t *)j, key, v)
+        {
+            if ((d = json_depth(v)) > max)
+                max = d;
+        }
+        return max + 1;
+    }
+    if (json_is_array(j)) {
+        json_array_foreach(j, i, v)
+        {
+            if ((d = json_depth(v)) > max)
+                max = d;
+        }
+        return max + 1;
+    }
+    return 0;
+}
+
+/* Parse the body as a JSON object with only the allowed fields.  An empty
+ * body is {} when empty_ok.  *out is NULL after a reply was written. */
+static void parse_body(const kms_request_info *in, const char *const allowed[], int empty_ok,
+                       json_t **out, kms_reply *r)
+{
+    json_error_t jerr;
+    json_t *j = NULL;
+    const char *key;
+    json_t *v;
+
+    *out = NULL;
+    if (in->body_len == 0) {
+        if (empty_ok)
+            *out = json_object();
+        else
+            kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "request body must be a JSON object");
+        return;
+    }
+    j = json_loadb((const char *)in->body, in->body_len, JSON_REJECT_DUPLICATES, &jerr);
+    if (j == NULL) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "malformed JSON at line %d column %d: %.200s",
+                        jerr.line, jerr.column, jerr.text);
+        return;
+    }
+    if (!json_is_object(j)) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "request body must be a JSON object");
+        goto fail;
+    }
+    if (json_depth(j) > KMS_JSON_MAX_DEPTH) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "JSON nested deeper than %d levels",
+                        KMS_JSON_MAX_DEPTH);
+        goto fail;
+    }
+    json_object_foreach(j, key, v)
+    {
+        int ok = 0;
+        for (size_t i = 0; allowed[i] != NULL; i++)
+            ok |= strcmp(allowed[i], key) == 0;
+        if (!ok) {
+            kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "unknown field '%.64s'", key);
+            goto fail;
+        }
+    }
+    *out = j;
+    return;
+fail:
+    json_decref(j);
+}
+
+/* Validate the optional "context" member; on success *ctx is a new
+ * reference or NULL.  Returns 0 after writing an error reply. */
+static int take_context(json_t *body, json_t **ctx, kms_reply *r)
+{
+    json_t *c = json_object_get(body, "context"), *v;
+    const char *name;
+    char *canonical = NULL;
+
+    *ctx = NULL;
+    if (c == NULL || json_is_null(c))
+        return 1;
+    if (!json_is_object(c)) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                        "context must be a JSON object of string values");
+        return 0;
+    }
+    if (json_object_size(c) > KMS_CONTEXT_MAX_PAIRS) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "context has %zu pairs; at most %d allowed",
+                        json_object_size(c), KMS_CONTEXT_MAX_PAIRS);
+        return 0;
+    }
+    json_object_foreach(c, name, v)
+    {
+        size_t nlen = strlen(name);
+        if (nlen == 0 || nlen > KMS_CONTEXT_MAX_NAME) {
+            kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "context names must be 1 to %d bytes",
+                            KMS_CONTEXT_MAX_NAME);
+            return 0;
+        }
+        if (!json_is_string(v)) {
+            kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "context value of '%.64s' must be a string",
+                            name);
+            return 0;
+        }
+        if (json_string_length(v) > KMS_CONTEXT_MAX_VALUE) {
+            kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                            "context value of '%.64s' is longer than %d bytes", name,
+                            KMS_CONTEXT_MAX_VALUE);
+            return 0;
+        }
+    }
+    if (kms_context_canonical(c, &canonical) != P11KMS_OK) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                        "invalid context (at most %d bytes in canonical form, UTF-8 strings)",
+                        KMS_CONTEXT_MAX_BYTES);
+        return 0;
+    }
+    free(canonical);
+    *ctx = json_incref(c);
+    return 1;
+}
+
+static int uuid_valid(const char *s)
+{
+    static const char shape[] = "xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx";
+
+    if (strlen(s) != KMS_DEK_ID_LEN)
+        return 0;
+    for (size_t i = 0; i < KMS_DEK_ID_LEN; i++) {
+        char c = s[i];
+        if (shape[i] == '-' ? c != '-' : !((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f')))
+            return 0;
+    }
+    return 1;
+}
+
+static int take_name(const char *name, kms_call *call, kms_reply *r)
+{
+    if (!kms_key_name_valid(name)) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                        "invalid key name: must match [a-z0-9][a-z0-9._-]{0,63}");
+        return 0;
+    }
+    snprintf(call->name, sizeof(call->name), "%.64s", name);
+    return 1;
+}
+
+static void refused(const kms_request_info *in, kms_reply *r)
+{
+    const char *why = in->refused;
+    route_match m;
+
+    r->close = 1;
+    if (strcmp(why, KMS_FRAMING_TOO_LARGE) == 0) {
+        kms_reply_error(r, P11KMS_ERR_PAYLOAD_TOO_LARGE, "request body exceeds %zu bytes",
+                        in->max_body);
+    } else if (strcmp(why, KMS_FRAMING_CHUNKED) == 0) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                        "Transfer-Encoding is not accepted; send the body with Content-Length");
+    } else if (strcmp(why, KMS_FRAMING_UNEXPECTED_BODY) == 0) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "method %s takes no request body", in->method);
+    } else if (strcmp(why, KMS_FRAMING_BUSY) == 0) {
+        kms_reply_error(r, P11KMS_ERR_OVERLOADED, "too many connections; retry later");
+    } else if (strcmp(why, KMS_FRAMING_HEAD_TOO_LARGE) == 0) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "request head too large");
+    } else if (strcmp(why, KMS_FRAMING_METHOD) == 0) {
+        find_route(NULL, in->path, &m);
+        if (m.path_known) {
+            kms_reply_error(r, P11KMS_ERR_METHOD_NOT_ALLOWED, "method not allowed; use %s",
+                            m.allow);
+            snprintf(r->allow, sizeof(r->allow), "%s", m.allow);
+        } else {
+            kms_reply_error(r, P11KMS_ERR_NOT_FOUND, "no such route");
+        }
+    } else {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "malformed HTTP request");
+    }
+}
+
+void kms_routes_prepare(const kms_request_info *in, kms_call **out, kms_reply *r)
+{
+    static const char *const f_name[] = {"name", NULL};
+    static const char *const f_context[] = {"context", NULL};
+    route_match m;
+    kms_call *call = NULL;
+    json_t *body = NULL, *name;
+
+    *out = NULL;
+    if (in->refused != NULL) {
+        refused(in, r);
+        goto out;
+    }
+    find_route(in->method, in->path, &m);
+    if (!m.path_known) {
+        kms_reply_error(r, P11KMS_ERR_NOT_FOUND, "no such route");
+        goto out;
+    }
+    if (m.route == NULL) {
+        kms_reply_error(r, P11KMS_ERR_METHOD_NOT_ALLOWED, "method %s not allowed; use %s",
+                        in->method, m.allow);
+        snprintf(r->allow, sizeof(r->allow), "%s", m.allow);
+        goto out;
+    }
+    if (m.route->id == R_LATER) {
+        kms_reply_error(r, P11KMS_ERR_NOT_FOUND, "not implemented yet");
+        goto out;
+    }
+    call = calloc(1, sizeof(*call));
+    if (call == NULL) {
+        kms_reply_error(r, P11KMS_ERR_NO_MEMORY, "out of memory");
+        goto out;
+    }
+    call->route = m.route;
+    switch (m.route->id) {
+    case R_KEY_CREATE:
+        parse_body(in, f_name, 0, &body, r);
+        if (body == NULL)
+            goto fail;
+        name = json_object_get(body, "name");
+        if (name == NULL) {
+            kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "missing field 'name'");
+            goto fail;
+        }
+        if (!json_is_string(name)) {
+            kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "field 'name' must be a string");
+            goto fail;
+        }
+        if (!take_name(json_string_value(name), call, r))
+            goto fail;
+        break;
+    case R_KEY_SHOW:
+        if (!take_name(m.params[0], call, r))
+            goto fail;
+        break;
+    case R_DATAKEY_GENERATE:
+    case R_DATAKEY_DECRYPT:
+        if (m.route->id == R_DATAKEY_GENERATE) {
+            if (!take_name(m.params[0], call, r))
+                goto fail;
+        } else if (!uuid_valid(m.params[0])) {
+            kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                            "dek_id must be a UUID in canonical lowercase form");
+            goto fail;
+        } else {
+            memcpy(call->dek_id, m.params[0], KMS_DEK_ID_LEN + 1);
+        }
+        parse_body(in, f_context, 1, &body, r);
+        if (body == NULL || !take_context(body, &call->context, r))
+            goto fail;
+        break;
+    default: break;
+    }
+    *out = call;
+    call = NULL;
+    goto out;
+fail:
+    kms_call_free(call);
+    call = NULL;
+out:
+    json_decref(body);
+}
+
+const char *kms_call_name(const kms_call *call)
+{
+    return call != NULL ? call->route->name : "-";
+}
+
+void kms_call_free(kms_call *call)
+{
+    if (call == NULL)
+        return;
+    json_decref(call->context);
+    free(call);
+}
+
+/* ---- rendering ---- */
+
+static json_t *time_string(int64_t t)
+{
+    char buf[32];
+    struct tm tm;
+    time_t tt = (time_t)t;
+
+    if (gmtime_r(&tt, &tm) == NULL || strftime(buf, sizeof(buf), "%Y-%m-%dT%H:%M:%SZ", &tm) == 0)
+        return json_string("1970-01-01T00:00:00Z");
+    return json_string(buf);
+}
+
+static json_t *period_string(int64_t seconds)
+{
+    char buf[32];
+
+    if (seconds <= 0)
+        return json_string("0");
+    if (seconds % 86400 == 0)
+        snprintf(buf, sizeof(buf), "%lldd", (long long)(seconds / 86400));
+    else if (seconds % 3600 == 0)
+        snprintf(buf, sizeof(buf), "%lldh", (long long)(seconds / 3600));
+    else if (seconds % 60 == 0)
+        snprintf(buf, sizeof(buf), "%lldm", (long long)(seconds / 60));
+    else
+        snprintf(buf, sizeof(buf), "%llds", (long long)seconds);
+    return json_string(buf);
+}
+
+static json_t *key_object(const kms_key_rec *k)
+{
+    json_t *versions = json_array(), *obj;
+
+    for (size_t i = 0; versions != NULL && i < k->n_versions; i++) {
+        const kms_version_rec *v = &k->versions[i];
+        json_array_append_new(
+            versions, json_pack("{s:I,s:s,s:o,s:I}", "version", (json_int_t)v->version, "state",
+                                kms_version_state_name(v->state), "created",
+                                time_string(v->created), "dek_count", (json_int_t)v->dek_count));
+    }
+    obj = json_pack("{s:s,s:s,s:I,s:I,s:o,s:o,s:o}", "name", k->name, "state",
+                    kms_key_state_name(k->state), "latest_version", (json_int_t)k->latest_version,
+                    "min_decrypt_version", (json_int_t)k->min_decrypt_version, "rotation_period",
+                    period_string(k->rotation_period), "created", time_string(k->created),
+                    "versions", versions);
+    return obj;
+}
+
+/* Render a data key with its plaintext and wipe every copy but the body. */
+static void reply_datakey(kms_reply *r, int status, const kms_datakey *dk)
+{
+    unsigned char b64[((KMS_DEK_LEN + 2) / 3) * 4 + 1];
+    int b64_len;
+    json_t *obj = NULL, *pt = NULL;
+
+    b64_len = EVP_EncodeBlock(b64, dk->plaintext, KMS_DEK_LEN);
+    pt = json_stringn_nocheck((const char *)b64, (size_t)b64_len);
+    OPENSSL_cleanse(b64, sizeof(b64));
+    if (pt == NULL)
+        goto out;
+    obj = json_pack("{s:s,s:s,s:I,s:O}", "dek_id", dk->id, "key", dk->key, "version",
+                    (json_int_t)dk->version, "plaintext", pt);
+    if (obj == NULL)
+        goto out;
+    json_incref(obj);
+    reply_json(r, status, obj); /* steals one reference */
+out:
+    if (pt != NULL) {
+        /* jansson's own copy of the string; wiping it is why we cast. */
+        OPENSSL_cleanse((void *)(uintptr_t)json_string_value(pt), json_string_length(pt));
+        json_decref(pt);
+    }
+    if (obj != NULL)
+        json_decref(obj);
+    else
+        kms_reply_error(r, P11KMS_ERR_NO_MEMORY, "out of memory");
+}
+
+static void core_error(kms_reply *r, const kms_call *call, p11kms_status s)
+{
+    switch (s) {
+    case P11KMS_ERR_KEY_EXISTS: kms_reply_error(r, s, "key '%s' already exists", call->name); break;
+    case P11KMS_ERR_KEY_NOT_FOUND: kms_reply_error(r, s, "key '%s' not found", call->name); break;
+    case P11KMS_ERR_DEK_NOT_FOUND:
+        kms_reply_error(r, s, "data key %s not found", call->dek_id);
+        break;
+    case P11KMS_ERR_CONTEXT_MISMATCH:
+        kms_reply_error(r, s, "context does not match the data key's context");
+        break;
+    case P11KMS_ERR_DEK_REVOKED:
+        kms_reply_error(r, s, "data key %s is revoked", call->dek_id);
+        break;
+    case P11KMS_ERR_DEK_DESTROYED:
+        kms_reply_error(r, s, "data key %s is destroyed", call->dek_id);
+        break;
+    case P11KMS_ERR_KEY_DISABLED: kms_reply_error(r, s, "key is disabled"); break;
+    case P11KMS_ERR_VERSION_BELOW_MINIMUM:
+        kms_reply_error(r, s, "key version is below the key's min_decrypt_version");
+        break;
+    case P11KMS_ERR_INTEGRITY_FAILURE:
+        kms_reply_error(r, s, "stored data key failed authentication");
+        break;
+    case P11KMS_ERR_BAD_REQUEST: kms_reply_error(r, s, "bad request"); break;
+    default: kms_reply_error(r, s, "%s", p11kms_strerror(s)); break;
+    }
+    if (r->status >= 500)
+        LOG_ERROR("http", "%s: %s", call->route->name, p11kms_status_code(s));
+}
+
+static void health(kms_core *core, kms_reply *r)
+{
+    CK_RV rv = p11_probe(kms_core_token(core));
+    p11kms_status st = kms_store_ping(kms_core_store(core));
+    int token_ok = rv == CKR_OK, store_ok = st == P11KMS_OK;
+    json_t *obj;
+
+    obj = json_pack("{s:s,s:s,s:s}", "status", token_ok && store_ok ? "ok" : "unavailable", "token",
+                    token_ok ? "ok" : "unavailable", "store", store_ok ? "ok" : "unavailable");
+    if (obj != NULL && !(token_ok && store_ok)) {
+        p11kms_status s = token_ok ? P11KMS_ERR_STORE_UNAVAILABLE : P11KMS_ERR_TOKEN_UNAVAILABLE;
+        json_t *err = error_object(s, token_ok ? "store unavailable" : "token unavailable");
+        json_object_update(obj, err);
+        json_decref(err);
+        LOG_WARN("http", "health: token %s (%s), store %s", token_ok ? "ok" : "unavailable",
+                 p11_rv_name(rv), store_ok ? "ok" : "unavailable");
+    }
+    reply_json(r, token_ok && store_ok ? 200 : 503, obj);
+}
+
+void kms_routes_execute(kms_core *core, kms_call *call, kms_reply *r)
+{
+    kms_key_rec *key = NULL, **keys = NULL;
+    size_t n_keys = 0;
+    kms_datakey dk;
+    json_t *list;
+    p11kms_status s = P11KMS_OK;
+
+    memset(&dk, 0, sizeof(dk));
+    switch (call->route->id) {
+    case R_HEALTH: health(core, r); break;
+    case R_KEY_CREATE:
+    case R_KEY_SHOW:
+        if (call->route->id == R_KEY_CREATE)
+            s = kms_key_create(core, call->name, &key);
+        else
+            s = kms_key_show(core, call->name, &key);
+        if (s != P11KMS_OK)
+            break;
+        reply_json(r, call->route->id == R_KEY_CREATE ? 201 : 200, key_object(key));
+        break;
+    case R_KEY_LIST:
+        s = kms_key_list(core, &keys, &n_keys);
+        if (s != P11KMS_OK)
+            break;
+        list = json_array();
+        for (size_t i = 0; list != NULL && i < n_keys; i++)
+            json_array_append_new(list, key_object(keys[i]));
+        reply_json(r, 200, list != NULL ? json_pack("{s:o}", "keys", list) : NULL);
+        break;
+    case R_DATAKEY_GENERATE:
+        s = kms_dek_generate(core, call->name, call->context, &dk);
+        if (s == P11KMS_OK)
+            reply_datakey(r, 201, &dk);
+        break;
+    case R_DATAKEY_DECRYPT:
+        s = kms_dek_decrypt(core, call->dek_id, call->context, &dk);
+        if (s == P11KMS_OK)
+            reply_datakey(r, 200, &dk);
+        break;
+    default: kms_reply_error(r, P11KMS_ERR_NOT_FOUND, "not implemented yet"); break;
+    }
+    if (s != P11KMS_OK)
+        core_error(r, call, s);
+    kms_datakey_clear(&dk);
+    kms_key_rec_free(key);
+    if (keys != NULL)
+        kms_key_list_free(keys, n_keys);
+}

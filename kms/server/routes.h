@@ -1,0 +1,65 @@
+/*
+ * kms/server/routes.h - the HTTP API of kmsd: route table, request
+ * validation, handlers and JSON rendering (docs/api.md).
+ *
+ * A request is handled in two steps.  kms_routes_prepare runs on the
+ * request's event loop: it matches the route and method, reads and
+ * validates the body (JSON depth, unknown fields, names, contexts, DEK
+ * ids) and either answers at once (404, 405, 400, 413) or returns a call.
+ * kms_routes_execute runs the call on a worker thread against the core
+ * (token and store) and renders the reply.  Neither keeps state between
+ * requests.
+ */
+#ifndef P11KMS_KMS_SERVER_ROUTES_H
+#define P11KMS_KMS_SERVER_ROUTES_H
+
+#include <stddef.h>
+
+#include "kms/core/core.h"
+#include "p11kms/status.h"
+
+#define KMS_JSON_MAX_DEPTH 8
+
+/* A reply: status and a JSON body.  The body may hold a plaintext DEK: it
+ * is wiped when released (kms_reply_clear or the HTTP writer). */
+typedef struct kms_reply {
+    int status;
+    char *body; /* malloc'd JSON text (not NUL-terminated), or NULL */
+    size_t len;
+    char allow[96];  /* Allow header value for 405, "" otherwise */
+    int retry_after; /* seconds; 0: no Retry-After */
+    int close;       /* answer with Connection: close */
+} kms_reply;
+
+typedef struct kms_request_info {
+    const char *method;  /* "GET", ... */
+    const char *path;    /* without the query */
+    const char *refused; /* KMS_FRAMING_* reason, or NULL */
+    const unsigned char *body;
+    size_t body_len;
+    size_t max_body;
+    const char *principal; /* "uid:1000" */
+} kms_request_info;
+
+typedef struct kms_call kms_call;
+
+/* On the loop thread.  Either *call is set (run it with
+ * kms_routes_execute) or *call is NULL and reply holds the answer. */
+void kms_routes_prepare(const kms_request_info *in, kms_call **call, kms_reply *reply);
+
+/* On a worker thread: run the call, fill reply.  Does not free call. */
+void kms_routes_execute(kms_core *core, kms_call *call, kms_reply *reply);
+
+/* A short name of the call's operation for the log ("datakey.generate"). */
+const char *kms_call_name(const kms_call *call);
+
+void kms_call_free(kms_call *call);
+
+/* Fill reply with the JSON error of status s and a formatted message. */
+void kms_reply_error(kms_reply *r, p11kms_status s, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+/* Wipe and free the body. */
+void kms_reply_clear(kms_reply *r);
+
+#endif
