@@ -264,6 +264,32 @@ START_TEST(no_pin_file_is_allowed)
 }
 END_TEST
 
+START_TEST(softhsm2_conf_key)
+{
+    kms_config *cfg = NULL;
+    char path[400], real[PATH_MAX], want[PATH_MAX + 32];
+
+    snprintf(path, sizeof(path), "%s/softhsm2.conf", dir);
+    ck_assert_int_eq(kh_write_file(path, "directories.tokendir = /tmp\n", 0600), 0);
+    ck_assert_int_eq(load_text(BASE_HEAD "[token]\n" BASE_LISTEN, &cfg), P11KMS_ERR_BAD_REQUEST);
+    ck_assert_int_eq(load_text("[token]\nsofthsm2_conf = softhsm2.conf\nmodule = softhsm2\n"
+                               "uri = pkcs11:token=test\npin_file = pin\n[store]\npath = kms.db\n"
+                               BASE_LISTEN,
+                               &cfg),
+                     P11KMS_OK);
+    ck_assert_ptr_nonnull(realpath(dir, real));
+    snprintf(want, sizeof(want), "%s/softhsm2.conf", real);
+    ck_assert_str_eq(cfg->token_softhsm2_conf, want);
+    kms_config_free(cfg);
+    ck_assert_int_eq(load_text("[token]\nsofthsm2_conf = nowhere.conf\nmodule = softhsm2\n"
+                               "uri = pkcs11:token=test\npin_file = pin\n[store]\npath = kms.db\n"
+                               BASE_LISTEN,
+                               &cfg),
+                     P11KMS_ERR_BAD_REQUEST);
+    ck_assert_msg(strstr(err, ":2: token.softhsm2_conf: cannot access '") != NULL, "%s", err);
+}
+END_TEST
+
 START_TEST(missing_policy_file)
 {
     kms_config *cfg = NULL;
@@ -369,6 +395,7 @@ static Suite *suite(void)
     tcase_add_test(tc, missing_pin_file);
     tcase_add_test(tc, world_readable_pin_file);
     tcase_add_test(tc, no_pin_file_is_allowed);
+    tcase_add_test(tc, softhsm2_conf_key);
     tcase_add_test(tc, missing_policy_file);
     tcase_add_test(tc, bad_uri);
     tcase_add_test(tc, bad_backend);

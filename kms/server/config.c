@@ -37,6 +37,7 @@ static const key_def keys[] = {
     {"token", "uri", K_URI, STR_FIELD(token_uri), 0, 0},
     {"token", "pin_file", K_PATH, STR_FIELD(token_pin_file), 0, 0},
     {"token", "sessions", K_INT, STR_FIELD(token_sessions), 1, 1024},
+    {"token", "softhsm2_conf", K_PATH, STR_FIELD(token_softhsm2_conf), 0, 0},
     {"store", "backend", K_BACKEND, STR_FIELD(store_backend), 0, 0},
     {"store", "path", K_PATH, STR_FIELD(store_path), 0, 0},
     {"store", "url", K_STR, STR_FIELD(store_url), 0, 0},
@@ -317,6 +318,10 @@ static p11kms_status check_all(parser *p, kms_config *cfg)
     cfg->line_pin_file = p->key_line[key_index("token", "pin_file")];
     if (cfg->token_pin_file != NULL && (rv = check_file(p, cfg->line_pin_file, "token.pin_file",
                                                         cfg->token_pin_file, 1)) != P11KMS_OK)
+        return rv;
+    if (cfg->token_softhsm2_conf != NULL &&
+        (rv = check_file(p, p->key_line[key_index("token", "softhsm2_conf")],
+                         "token.softhsm2_conf", cfg->token_softhsm2_conf, 0)) != P11KMS_OK)
         return rv;
     if (cfg->policy_file != NULL &&
         (rv = check_file(p, p->key_line[key_index("policy", "file")], "policy.file",

@@ -26,6 +26,7 @@ typedef struct kms_config {
     char *token_uri;      /* RFC 7512, validated with p11_kit_uri_parse */
     char *token_pin_file; /* NULL: P11KMS_PIN must be set */
     int token_sessions;   /* default 32 */
+    char *token_softhsm2_conf; /* SoftHSM2 only: exported as SOFTHSM2_CONF */
 
     /* [store] */
     char *store_backend; /* "sqlite" (default) or "postgres" */

@@ -89,6 +89,10 @@ static int serve(const kms_config *cfg)
                 p11_rv_name(rv));
         goto out;
     }
+    /* SoftHSM2 reads its token directory from SOFTHSM2_CONF when it is
+     * loaded; the config names it so kmsd.conf alone is complete. */
+    if (cfg->token_softhsm2_conf != NULL)
+        setenv("SOFTHSM2_CONF", cfg->token_softhsm2_conf, 1);
     memset(&pcfg, 0, sizeof(pcfg));
     pcfg.module = cfg->token_module;
     pcfg.uri = cfg->token_uri;
