@@ -1,8 +1,10 @@
 /*
  * tests/test_core_deks.c - the core against a real SoftHSM2 token and a
  * real SQLite file: key creation, DEK generate/decrypt, every error code
- * the core answers, durability across a reopen, orphan reconciliation and
- * concurrent issuance.
+ * the core answers, durability across a reopen, orphan reconciliation,
+ * concurrent issuance, and the argument checks of the DEK lifecycle
+ * functions (the lifecycle itself is tested in test_store_deks and
+ * test_kmsd_deks).
  */
 #include <check.h>
 #include <pthread.h>
@@ -273,6 +275,73 @@ START_TEST(test_concurrent_issuance)
 }
 END_TEST
 
+/* The lifecycle functions' own checks (kmsd validates first, so these
+ * are reachable only through the core API). */
+START_TEST(test_lifecycle_argument_errors)
+{
+    kms_key_rec *k = NULL;
+    kms_dek_rec *d = NULL, **deks = NULL;
+    kms_datakey dk;
+    json_t *ctx = ctx1("1"), *empty = json_object(), *bad = json_pack("{s:i}", "customer", 1);
+    char next[KMS_DEK_ID_LEN + 1];
+    size_t n = 0;
+    uint64_t count = 5;
+
+    ck_assert_int_eq(kms_key_create(core, "life", &k), P11KMS_OK);
+    kms_key_rec_free(k);
+    ck_assert_int_eq(kms_dek_generate(core, "life", ctx, &dk), P11KMS_OK);
+
+    ck_assert_int_eq(kms_dek_show(core, "not-a-uuid", &d), P11KMS_ERR_DEK_NOT_FOUND);
+    ck_assert_int_eq(kms_dek_show(core, "0B5E2A5C-6A4E-4F51-9E0E-5F7A8C9D0E1F", &d),
+                     P11KMS_ERR_DEK_NOT_FOUND);
+    ck_assert_int_eq(kms_dek_revoke(core, dk.id, KMS_REVOKE_NONE, NULL), P11KMS_ERR_BAD_REQUEST);
+    ck_assert_int_eq(kms_dek_revoke(core, "nope", KMS_REVOKE_CESSATION, NULL),
+                     P11KMS_ERR_DEK_NOT_FOUND);
+    ck_assert_int_eq(kms_dek_destroy(core, "nope", NULL), P11KMS_ERR_DEK_NOT_FOUND);
+    ck_assert_int_eq(kms_dek_list(core, "Bad", -1, NULL, 0, &deks, &n, next),
+                     P11KMS_ERR_BAD_REQUEST);
+    ck_assert_int_eq(kms_dek_list(core, "life", -1, "bad-cursor", 0, &deks, &n, next),
+                     P11KMS_ERR_BAD_REQUEST);
+    ck_assert_int_eq(kms_dek_list(core, "life", 7, NULL, 0, &deks, &n, next),
+                     P11KMS_ERR_BAD_REQUEST);
+    ck_assert_int_eq(kms_dek_list(core, "life", -1, NULL, KMS_DEK_LIST_MAX + 1, &deks, &n, next),
+                     P11KMS_ERR_BAD_REQUEST);
+    ck_assert_int_eq(kms_dek_list(core, "nope", -1, NULL, 0, &deks, &n, next),
+                     P11KMS_ERR_KEY_NOT_FOUND);
+    ck_assert_int_eq(kms_dek_destroy_bulk(core, "life", empty, &count), P11KMS_ERR_BAD_REQUEST);
+    ck_assert_int_eq(kms_dek_destroy_bulk(core, "life", NULL, &count), P11KMS_ERR_BAD_REQUEST);
+    ck_assert_int_eq(kms_dek_destroy_bulk(core, "life", bad, &count), P11KMS_ERR_BAD_REQUEST);
+    ck_assert_int_eq(kms_dek_destroy_bulk(core, "Bad", ctx, &count), P11KMS_ERR_BAD_REQUEST);
+    ck_assert_int_eq(kms_dek_revoke_bulk(core, "life", ctx, KMS_REVOKE_NONE, &count),
+                     P11KMS_ERR_BAD_REQUEST);
+    ck_assert_int_eq(kms_dek_revoke_bulk(core, "nope", ctx, KMS_REVOKE_CESSATION, &count),
+                     P11KMS_ERR_KEY_NOT_FOUND);
+    ck_assert_uint_eq(count, 5);
+
+    /* the happy path: records never carry wrapped bytes; decrypt sees each change */
+    ck_assert_int_eq(kms_dek_show(core, dk.id, &d), P11KMS_OK);
+    ck_assert_uint_eq(d->wrapped_len, 0);
+    kms_dek_rec_free(d);
+    ck_assert_int_eq(kms_dek_list(core, "life", KMS_DEK_ACTIVE, "", 0, &deks, &n, next), P11KMS_OK);
+    ck_assert_uint_eq(n, 1);
+    ck_assert_str_eq(next, "");
+    kms_dek_list_free(deks, n);
+    ck_assert_int_eq(kms_dek_revoke_bulk(core, "life", ctx, KMS_REVOKE_CESSATION, &count),
+                     P11KMS_OK);
+    ck_assert_uint_eq(count, 1);
+    ck_assert_int_eq(kms_dek_decrypt(core, dk.id, ctx, &dk), P11KMS_ERR_DEK_REVOKED);
+    ck_assert_int_eq(kms_dek_destroy(core, dk.id, &d), P11KMS_OK);
+    ck_assert_int_eq(d->state, KMS_DEK_DESTROYED);
+    ck_assert_uint_eq(d->wrapped_len, 0);
+    kms_dek_rec_free(d);
+    ck_assert_int_eq(kms_dek_decrypt(core, dk.id, ctx, &dk), P11KMS_ERR_DEK_DESTROYED);
+    kms_datakey_clear(&dk);
+    json_decref(ctx);
+    json_decref(empty);
+    json_decref(bad);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("core_deks");
@@ -286,6 +355,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_durable_across_reopen);
     tcase_add_test(tc, test_orphan_reconciled_at_start);
     tcase_add_test(tc, test_concurrent_issuance);
+    tcase_add_test(tc, test_lifecycle_argument_errors);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -81,6 +81,55 @@ p11kms_status kms_dek_generate(kms_core *core, const char *key,
 p11kms_status kms_dek_decrypt(kms_core *core, const char *dek_id,
                               const json_t *context, kms_datakey *out);
 
+/* ---- DEK lifecycle: show, list, revoke, destroy (lifecycle.c) ----
+ *
+ * States move active -> revoked -> destroyed, or active -> destroyed,
+ * never backwards; each transition records its time (and a revoke its
+ * reason).  Records returned by these functions never carry wrapped bytes
+ * (wrapped_len is 0): they are metadata for people and audit.  Decrypt
+ * reads the state from the store on every call, so a revocation or a
+ * destroy takes effect for the very next decrypt. */
+
+/* The DEK `dek_id`.  P11KMS_ERR_DEK_NOT_FOUND (also for a malformed id).
+ * Free with kms_dek_rec_free. */
+p11kms_status kms_dek_show(kms_core *core, const char *dek_id, kms_dek_rec **out);
+
+/* A page of key `key`'s DEKs ordered by id, after `cursor` (NULL or "" for
+ * the first page; else a DEK id), in `state` (kms_dek_state or -1 for
+ * all), `limit` of them (0 = KMS_DEK_LIST_DEFAULT; at most
+ * KMS_DEK_LIST_MAX).  next receives the cursor of the next page, or ""
+ * when this is the last.  P11KMS_ERR_BAD_REQUEST (name, cursor, state,
+ * limit), P11KMS_ERR_KEY_NOT_FOUND.  Free *out with kms_dek_list_free. */
+p11kms_status kms_dek_list(kms_core *core, const char *key, int state, const char *cursor,
+                           size_t limit, kms_dek_rec ***out, size_t *count,
+                           char next[KMS_DEK_ID_LEN + 1]);
+
+/* Revoke `dek_id` with `reason`; *out (may be NULL) receives the DEK
+ * after the change.  Revoking a revoked DEK changes nothing and succeeds
+ * (it keeps its first reason and time).  P11KMS_ERR_BAD_REQUEST (reason),
+ * P11KMS_ERR_DEK_NOT_FOUND, P11KMS_ERR_DEK_DESTROYED. */
+p11kms_status kms_dek_revoke(kms_core *core, const char *dek_id, kms_revoke_reason reason,
+                             kms_dek_rec **out);
+
+/* Destroy `dek_id` (from active or revoked): the only wrapped copy is
+ * erased (kms_store_dek_destroy), the metadata kept.  *out (may be NULL)
+ * receives the DEK after the change.  P11KMS_ERR_DEK_NOT_FOUND,
+ * P11KMS_ERR_DEK_DESTROYED (already destroyed). */
+p11kms_status kms_dek_destroy(kms_core *core, const char *dek_id, kms_dek_rec **out);
+
+/* Revoke, in one transaction, every active DEK of `key` whose context
+ * holds all the pairs of `context` (a JSON object of string values with
+ * at least one pair: an empty one would match every DEK of the key and is
+ * refused with P11KMS_ERR_BAD_REQUEST).  *count: DEKs revoked.
+ * P11KMS_ERR_BAD_REQUEST (name, context, reason), P11KMS_ERR_KEY_NOT_FOUND. */
+p11kms_status kms_dek_revoke_bulk(kms_core *core, const char *key, const json_t *context,
+                                  kms_revoke_reason reason, uint64_t *count);
+
+/* Destroy, in one transaction, every active or revoked DEK of `key`
+ * matching `context` (as kms_dek_revoke_bulk).  *count: DEKs destroyed. */
+p11kms_status kms_dek_destroy_bulk(kms_core *core, const char *key, const json_t *context,
+                                   uint64_t *count);
+
 /* Wipe a data key (OPENSSL_cleanse). */
 void kms_datakey_clear(kms_datakey *k);
 

@@ -262,6 +262,7 @@ static void on_request(struct evhttp_request *req, void *arg)
     memset(&info, 0, sizeof(info));
     info.method = p->method;
     info.path = path;
+    info.query = uri != NULL ? evhttp_uri_get_query(uri) : NULL;
     info.refused = evhttp_find_header(evhttp_request_get_input_headers(req), KMS_FRAMING_HEADER);
     if (info.refused != NULL)
         snprintf(p->refused, sizeof(p->refused), "%s", info.refused);

@@ -11,10 +11,15 @@
  * worker's stack, a base64 buffer on the stack, jansson's copy of that
  * string and the rendered reply body.  All are wiped (OPENSSL_cleanse)
  * before they are released; the body is wiped by whoever frees it.
+ * Query strings are read by GET /v1/datakeys only (key, state, cursor,
+ * limit: strict, percent-decoded, no unknown or repeated parameters); the
+ * other routes ignore them.
+ *
  * No state: every function works on its arguments only.
  */
 #include "kms/server/routes.h"
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -35,6 +40,12 @@ typedef enum route_id {
     R_KEY_SHOW,
     R_DATAKEY_GENERATE,
     R_DATAKEY_DECRYPT,
+    R_DATAKEY_SHOW,
+    R_DATAKEY_LIST,
+    R_DATAKEY_REVOKE,
+    R_DATAKEY_DESTROY,
+    R_DATAKEY_BULK_REVOKE,
+    R_DATAKEY_BULK_DESTROY,
     R_LATER, /* a contract route of a later release */
 } route_id;
 
@@ -58,12 +69,12 @@ static const route routes[] = {
     {"DELETE", "/v1/keys/*/versions/*", R_LATER, "key.retire"},
     {"POST", "/v1/keys/*/datakeys", R_DATAKEY_GENERATE, "datakey.generate"},
     {"POST", "/v1/datakeys/*/decrypt", R_DATAKEY_DECRYPT, "datakey.decrypt"},
-    {"GET", "/v1/datakeys/*", R_LATER, "datakey.show"},
-    {"DELETE", "/v1/datakeys/*", R_LATER, "datakey.destroy"},
-    {"GET", "/v1/datakeys", R_LATER, "datakey.list"},
-    {"POST", "/v1/datakeys/*/revoke", R_LATER, "datakey.revoke"},
-    {"POST", "/v1/datakeys/revoke", R_LATER, "datakey.bulk_revoke"},
-    {"POST", "/v1/datakeys/destroy", R_LATER, "datakey.bulk_destroy"},
+    {"GET", "/v1/datakeys/*", R_DATAKEY_SHOW, "datakey.show"},
+    {"DELETE", "/v1/datakeys/*", R_DATAKEY_DESTROY, "datakey.destroy"},
+    {"GET", "/v1/datakeys", R_DATAKEY_LIST, "datakey.list"},
+    {"POST", "/v1/datakeys/*/revoke", R_DATAKEY_REVOKE, "datakey.revoke"},
+    {"POST", "/v1/datakeys/revoke", R_DATAKEY_BULK_REVOKE, "datakey.bulk_revoke"},
+    {"POST", "/v1/datakeys/destroy", R_DATAKEY_BULK_DESTROY, "datakey.bulk_destroy"},
     {"GET", "/v1/audit", R_LATER, "audit.list"},
     {"GET", "/v1/audit/verify", R_LATER, "audit.verify"},
     {"GET", "/v1/status", R_LATER, "status"},
@@ -77,7 +88,11 @@ struct kms_call {
     const route *route;
     char name[KMS_NAME_MAX + 1];
     char dek_id[KMS_DEK_ID_LEN + 1];
-    json_t *context; /* validated; NULL for none */
+    json_t *context;                 /* validated; NULL for none */
+    kms_revoke_reason reason;        /* revoke routes */
+    int state;                       /* list: kms_dek_state or -1 */
+    char cursor[KMS_DEK_ID_LEN + 1]; /* list: "" for the first page */
+    size_t limit;                    /* list */
 };
 
 /* ---- replies ---- */
@@ -131,6 +146,11 @@ void kms_reply_error(kms_reply *r, p11kms_status s, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
+    /* Messages may echo request text (a field or parameter name, possibly
+     * cut mid-character): keep them printable ASCII, hence valid UTF-8. */
+    for (char *c = msg; *c != '\0'; c++)
+        if ((unsigned char)*c < 0x20 || (unsigned char)*c > 0x7e)
+            *c = '?';
     reply_json(r, p11kms_status_http(s), error_object(s, msg));
     if (s == P11KMS_ERR_OVERLOADED)
         r->retry_after = 1;
@@ -357,6 +377,204 @@ static int take_name(const char *name, kms_call *call, kms_reply *r)
     return 1;
 }
 
+static int take_dek_id(const char *id, kms_call *call, kms_reply *r)
+{
+    if (!uuid_valid(id)) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                        "dek_id must be a UUID in canonical lowercase form");
+        return 0;
+    }
+    memcpy(call->dek_id, id, KMS_DEK_ID_LEN + 1);
+    return 1;
+}
+
+/* A required string member of body; 0 after writing an error reply. */
+static int take_string(json_t *body, const char *field, const char **out, kms_reply *r)
+{
+    json_t *v = json_object_get(body, field);
+
+    if (v == NULL || json_is_null(v)) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "missing field '%s'", field);
+        return 0;
+    }
+    if (!json_is_string(v)) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "field '%s' must be a string", field);
+        return 0;
+    }
+    *out = json_string_value(v);
+    return 1;
+}
+
+static int take_reason(json_t *body, kms_call *call, kms_reply *r)
+{
+    const char *s = NULL;
+    int reason;
+
+    if (!take_string(body, "reason", &s, r))
+        return 0;
+    reason = kms_revoke_reason_parse(s);
+    if (reason < 0) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                        "reason must be one of compromised, superseded, cessation, unspecified");
+        return 0;
+    }
+    call->reason = (kms_revoke_reason)reason;
+    return 1;
+}
+
+/* Bulk body: "key" and a non-empty "context" (plus "reason" for revoke). */
+static int take_bulk(json_t *body, kms_call *call, kms_reply *r)
+{
+    const char *key = NULL;
+
+    if (!take_string(body, "key", &key, r) || !take_name(key, call, r))
+        return 0;
+    if (json_object_get(body, "context") == NULL ||
+        json_is_null(json_object_get(body, "context"))) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "missing field 'context'");
+        return 0;
+    }
+    if (!take_context(body, &call->context, r))
+        return 0;
+    if (json_object_size(call->context) == 0) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                        "context must hold at least one pair (an empty context would match "
+                        "every data key of the key)");
+        return 0;
+    }
+    if (call->route->id == R_DATAKEY_BULK_REVOKE && !take_reason(body, call, r))
+        return 0;
+    return 1;
+}
+
+static int hex_value(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    if (c >= 'A' && c <= 'F')
+        return c - 'A' + 10;
+    return -1;
+}
+
+/* Percent-decode src[0..len) into dst (cap bytes with the NUL); '+' is a
+ * space.  0 when malformed, too long or decoding to a NUL byte. */
+static int query_decode(const char *src, size_t len, char *dst, size_t cap)
+{
+    size_t o = 0;
+
+    for (size_t i = 0; i < len; i++) {
+        int c = (unsigned char)src[i];
+        if (c == '%') {
+            int hi = i + 2 < len ? hex_value(src[i + 1]) : -1;
+            int lo = hi >= 0 ? hex_value(src[i + 2]) : -1;
+            if (hi < 0 || lo < 0)
+                return 0;
+            c = hi * 16 + lo;
+            i += 2;
+        } else if (c == '+') {
+            c = ' ';
+        }
+        if (c == 0 || o + 1 >= cap)
+            return 0;
+        dst[o++] = (char)c;
+    }
+    dst[o] = '\0';
+    return 1;
+}
+
+/* GET /v1/datakeys?key=K&state=S&cursor=C&limit=N: key required, the rest
+ * optional, nothing else allowed.  0 after writing an error reply. */
+static int take_list_query(const char *query, kms_call *call, kms_reply *r)
+{
+    static const char *const names[] = {"key", "state", "cursor", "limit"};
+    char seen[4] = {0}, name[16], value[PARAM_MAX];
+    const char *p = query != NULL ? query : "";
+    char *end = NULL;
+    unsigned long long limit;
+
+    call->state = -1;
+    call->limit = KMS_DEK_LIST_DEFAULT;
+    while (*p != '\0') {
+        size_t seg = strcspn(p, "&"), nlen = strcspn(p, "=");
+        size_t which = sizeof(names) / sizeof(names[0]);
+
+        if (seg == 0) { /* "a=1&&b=2", a trailing '&' */
+            p++;
+            continue;
+        }
+        if (nlen >= seg || nlen == 0) {
+            kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                            "malformed query string: expected name=value pairs");
+            return 0;
+        }
+        if (!query_decode(p, nlen, name, sizeof(name)))
+            snprintf(name, sizeof(name), "?");
+        for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+            if (strcmp(names[i], name) == 0)
+                which = i;
+        if (which == sizeof(names) / sizeof(names[0])) {
+            kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                            "unknown query parameter '%.*s'; allowed: key, state, cursor, limit",
+                            (int)(nlen > 64 ? 64 : nlen), p);
+            return 0;
+        }
+        if (seen[which]++) {
+            kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "query parameter '%s' given twice",
+                            names[which]);
+            return 0;
+        }
+        if (!query_decode(p + nlen + 1, seg - nlen - 1, value, sizeof(value))) {
+            kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                            "query parameter '%s': malformed percent-encoding or too long",
+                            names[which]);
+            return 0;
+        }
+        switch (which) {
+        case 0:
+            if (!take_name(value, call, r))
+                return 0;
+            break;
+        case 1:
+            call->state = kms_dek_state_parse(value);
+            if (call->state < 0) {
+                kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                                "state must be one of active, revoked, destroyed");
+                return 0;
+            }
+            break;
+        case 2:
+            if (value[0] != '\0' && !uuid_valid(value)) {
+                kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                                "cursor must be the 'next' value of a previous page (a dek_id)");
+                return 0;
+            }
+            snprintf(call->cursor, sizeof(call->cursor), "%.36s", value);
+            break;
+        default:
+            errno = 0;
+            limit = value[0] >= '0' && value[0] <= '9' ? strtoull(value, &end, 10) : 0;
+            if (end == NULL || *end != '\0' || errno != 0 || limit < 1 ||
+                limit > KMS_DEK_LIST_MAX) {
+                kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "limit must be an integer from 1 to %d",
+                                KMS_DEK_LIST_MAX);
+                return 0;
+            }
+            call->limit = (size_t)limit;
+            break;
+        }
+        p += seg;
+        if (*p == '&')
+            p++;
+    }
+    if (!seen[0]) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "missing query parameter 'key'");
+        return 0;
+    }
+    return 1;
+}
+
 static void refused(const kms_request_info *in, kms_reply *r)
 {
     const char *why = in->refused;
@@ -393,6 +611,9 @@ void kms_routes_prepare(const kms_request_info *in, kms_call **out, kms_reply *r
 {
     static const char *const f_name[] = {"name", NULL};
     static const char *const f_context[] = {"context", NULL};
+    static const char *const f_reason[] = {"reason", NULL};
+    static const char *const f_bulk_revoke[] = {"key", "context", "reason", NULL};
+    static const char *const f_bulk_destroy[] = {"key", "context", NULL};
     route_match m;
     kms_call *call = NULL;
     json_t *body = NULL, *name;
@@ -449,15 +670,34 @@ void kms_routes_prepare(const kms_request_info *in, kms_call **out, kms_reply *r
         if (m.route->id == R_DATAKEY_GENERATE) {
             if (!take_name(m.params[0], call, r))
                 goto fail;
-        } else if (!uuid_valid(m.params[0])) {
-            kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
-                            "dek_id must be a UUID in canonical lowercase form");
+        } else if (!take_dek_id(m.params[0], call, r)) {
             goto fail;
-        } else {
-            memcpy(call->dek_id, m.params[0], KMS_DEK_ID_LEN + 1);
         }
         parse_body(in, f_context, 1, &body, r);
         if (body == NULL || !take_context(body, &call->context, r))
+            goto fail;
+        break;
+    case R_DATAKEY_SHOW:
+    case R_DATAKEY_DESTROY:
+        if (!take_dek_id(m.params[0], call, r))
+            goto fail;
+        break;
+    case R_DATAKEY_REVOKE:
+        if (!take_dek_id(m.params[0], call, r))
+            goto fail;
+        parse_body(in, f_reason, 0, &body, r);
+        if (body == NULL || !take_reason(body, call, r))
+            goto fail;
+        break;
+    case R_DATAKEY_LIST:
+        if (!take_list_query(in->query, call, r))
+            goto fail;
+        break;
+    case R_DATAKEY_BULK_REVOKE:
+    case R_DATAKEY_BULK_DESTROY:
+        parse_body(in, m.route->id == R_DATAKEY_BULK_REVOKE ? f_bulk_revoke : f_bulk_destroy, 0,
+                   &body, r);
+        if (body == NULL || !take_bulk(body, call, r))
             goto fail;
         break;
     default: break;
@@ -532,6 +772,43 @@ static json_t *key_object(const kms_key_rec *k)
                     period_string(k->rotation_period), "created", time_string(k->created),
                     "versions", versions);
     return obj;
+}
+
+/* A time, or null when unset (0). */
+static json_t *time_or_null(int64_t t)
+{
+    return t > 0 ? time_string(t) : json_null();
+}
+
+/* The DEK object: metadata only, never plaintext nor wrapped bytes. */
+static json_t *dek_object(const kms_dek_rec *d)
+{
+    const char *reason = kms_revoke_reason_name(d->revoke_reason);
+    json_t *ctx = json_loads(d->context != NULL ? d->context : "{}", 0, NULL);
+
+    if (ctx == NULL || !json_is_object(ctx)) {
+        LOG_ERROR("http", "data key %s: stored context is not a JSON object", d->id);
+        json_decref(ctx);
+        ctx = json_object();
+    }
+    return json_pack("{s:s,s:s,s:I,s:s,s:o,s:o,s:o,s:o,s:o}", "dek_id", d->id, "key", d->key,
+                     "version", (json_int_t)d->version, "state", kms_dek_state_name(d->state),
+                     "context", ctx, "created", time_string(d->created), "revoked_at",
+                     time_or_null(d->revoked_at), "revoke_reason",
+                     reason != NULL ? json_string(reason) : json_null(), "destroyed_at",
+                     time_or_null(d->destroyed_at));
+}
+
+static json_t *dek_page(kms_dek_rec **deks, size_t n, const char *next)
+{
+    json_t *list = json_array();
+
+    for (size_t i = 0; list != NULL && i < n; i++)
+        json_array_append_new(list, dek_object(deks[i]));
+    if (list == NULL)
+        return NULL;
+    return json_pack("{s:o,s:o}", "datakeys", list, "next",
+                     next[0] != '\0' ? json_string(next) : json_null());
 }
 
 /* Render a data key with its plaintext and wipe every copy but the body. */
@@ -618,7 +895,10 @@ static void health(kms_core *core, kms_reply *r)
 void kms_routes_execute(kms_core *core, kms_call *call, kms_reply *r)
 {
     kms_key_rec *key = NULL, **keys = NULL;
-    size_t n_keys = 0;
+    kms_dek_rec *dek = NULL, **deks = NULL;
+    size_t n_keys = 0, n_deks = 0;
+    uint64_t count = 0;
+    char next[KMS_DEK_ID_LEN + 1] = "";
     kms_datakey dk;
     json_t *list;
     p11kms_status s = P11KMS_OK;
@@ -655,11 +935,43 @@ void kms_routes_execute(kms_core *core, kms_call *call, kms_reply *r)
         if (s == P11KMS_OK)
             reply_datakey(r, 200, &dk);
         break;
+    case R_DATAKEY_SHOW:
+        s = kms_dek_show(core, call->dek_id, &dek);
+        if (s == P11KMS_OK)
+            reply_json(r, 200, dek_object(dek));
+        break;
+    case R_DATAKEY_REVOKE:
+        s = kms_dek_revoke(core, call->dek_id, call->reason, &dek);
+        if (s == P11KMS_OK)
+            reply_json(r, 200, dek_object(dek));
+        break;
+    case R_DATAKEY_DESTROY:
+        s = kms_dek_destroy(core, call->dek_id, &dek);
+        if (s == P11KMS_OK)
+            reply_json(r, 200, dek_object(dek));
+        break;
+    case R_DATAKEY_LIST:
+        s = kms_dek_list(core, call->name, call->state, call->cursor, call->limit, &deks, &n_deks,
+                         next);
+        if (s == P11KMS_OK)
+            reply_json(r, 200, dek_page(deks, n_deks, next));
+        break;
+    case R_DATAKEY_BULK_REVOKE:
+    case R_DATAKEY_BULK_DESTROY:
+        if (call->route->id == R_DATAKEY_BULK_REVOKE)
+            s = kms_dek_revoke_bulk(core, call->name, call->context, call->reason, &count);
+        else
+            s = kms_dek_destroy_bulk(core, call->name, call->context, &count);
+        if (s == P11KMS_OK)
+            reply_json(r, 200, json_pack("{s:I}", "count", (json_int_t)count));
+        break;
     default: kms_reply_error(r, P11KMS_ERR_NOT_FOUND, "not implemented yet"); break;
     }
     if (s != P11KMS_OK)
         core_error(r, call, s);
     kms_datakey_clear(&dk);
+    kms_dek_rec_free(dek);
+    kms_dek_list_free(deks, n_deks);
     kms_key_rec_free(key);
     if (keys != NULL)
         kms_key_list_free(keys, n_keys);

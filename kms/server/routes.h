@@ -34,6 +34,7 @@ typedef struct kms_reply {
 typedef struct kms_request_info {
     const char *method;  /* "GET", ... */
     const char *path;    /* without the query */
+    const char *query;   /* the raw query string (after '?'), or NULL */
     const char *refused; /* KMS_FRAMING_* reason, or NULL */
     const unsigned char *body;
     size_t body_len;

@@ -26,6 +26,11 @@
  *                 DEK count of a version, rewrap and retire checks;
  *                 deks_by_state (key_id, state, id) serves cursor
  *                 pagination by key and state and bulk revoke/destroy.
+ *
+ * Version 2 (issue 4, revocation and destroy):
+ *   deks_by_key (key_id, id) serves cursor pagination by key over every
+ *                 state (ORDER BY id from the cursor, no sort step), so a
+ *                 page costs O(limit) however many DEKs the key has.
  */
 #include "kms/store/store_internal.h"
 
@@ -86,6 +91,8 @@ static const migration migrations[] = {
      ") WITHOUT ROWID;\n"
      "CREATE INDEX deks_by_version ON deks (key_id, version, state);\n"
      "CREATE INDEX deks_by_state ON deks (key_id, state, id);\n"},
+    {2, "deks_by_key: DEK pagination by key over every state",
+     "CREATE INDEX deks_by_key ON deks (key_id, id);\n"},
 };
 
 #define N_MIGRATIONS (sizeof(migrations) / sizeof(migrations[0]))

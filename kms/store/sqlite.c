@@ -25,8 +25,20 @@
  * SQLite's message and becomes P11KMS_ERR_STORE_UNAVAILABLE.  Bound values
  * (wrapped bytes, contexts) never reach the log.
  *
- * Locking: pool_mu guards the reader free list; writer_failed is atomic.
- * Nothing else is shared and mutable after open.
+ * Destroy (one DEK or in bulk) sets wrapped = NULL: with secure_delete the
+ * old cell is overwritten with zeros in its page.  The page is first
+ * written to the WAL, whose earlier frames still hold the wrapped bytes,
+ * so right after a group that destroyed something commits, the writer runs
+ * a truncating WAL checkpoint (every frame copied into the database file,
+ * the WAL truncated to zero bytes) before it wakes the callers.  A reader
+ * in the middle of a read blocks the checkpoint: the writer waits a little
+ * (SQ_CKPT_TRIES x SQ_CKPT_WAIT_MS), then logs a warning and tries again,
+ * once and without waiting, after each later commit until it succeeds
+ * (wipe_pending stays set), so a long reader does not slow every commit.
+ *
+ * Locking: pool_mu guards the reader free list; writer_failed and the
+ * checkpoint counters are atomic; wipe_pending and wipe_new are the
+ * writer thread's own.  Nothing else is shared and mutable after open.
  */
 #include "kms/store/store_internal.h"
 
@@ -44,6 +56,8 @@
 
 #define SQ_READERS         8
 #define SQ_BUSY_TIMEOUT_MS 5000
+#define SQ_CKPT_TRIES      5   /* truncating checkpoint attempts after a destroy */
+#define SQ_CKPT_WAIT_MS    100 /* busy wait per attempt */
 
 /* ---- statements --------------------------------------------------------- */
 
@@ -58,8 +72,19 @@ enum {
     W_VERSION_INSERT,
     W_WRAP_COUNT,
     W_DEK_INSERT,
+    W_KEY_ID,
+    W_DEK_STATE,
+    W_DEK_REVOKE,
+    W_DEK_DESTROY,
+    W_BULK_REVOKE,
+    W_BULK_DESTROY,
     W_COUNT
 };
+
+/* "the DEK's context holds every pair of the filter ?2" (JSON1). */
+#define SQ_CONTEXT_HOLDS_FILTER                                                                    \
+    "NOT EXISTS (SELECT 1 FROM json_each(?2) f WHERE NOT EXISTS ("                                 \
+    "SELECT 1 FROM json_each(deks.context) c WHERE c.key = f.key AND c.value = f.value))"
 
 static const char *const writer_sql[W_COUNT] = {
     [W_BEGIN] = "BEGIN IMMEDIATE",
@@ -76,6 +101,17 @@ static const char *const writer_sql[W_COUNT] = {
                      "WHERE key_id = (SELECT id FROM keys WHERE name = ?1) AND version = ?2",
     [W_DEK_INSERT] = "INSERT INTO deks (id, key_id, version, state, context, wrapped, created) "
                      "SELECT ?1, id, ?3, 'active', ?4, ?5, ?6 FROM keys WHERE name = ?2",
+    [W_KEY_ID] = "SELECT id FROM keys WHERE name = ?1",
+    [W_DEK_STATE] = "SELECT state FROM deks WHERE id = ?1",
+    [W_DEK_REVOKE] = "UPDATE deks SET state = 'revoked', revoked_at = ?2, revoke_reason = ?3 "
+                     "WHERE id = ?1 AND state = 'active'",
+    [W_DEK_DESTROY] = "UPDATE deks SET state = 'destroyed', wrapped = NULL, destroyed_at = ?2 "
+                      "WHERE id = ?1 AND state IN ('active', 'revoked')",
+    [W_BULK_REVOKE] = "UPDATE deks SET state = 'revoked', revoked_at = ?3, revoke_reason = ?4 "
+                      "WHERE key_id = ?1 AND state = 'active' AND " SQ_CONTEXT_HOLDS_FILTER,
+    [W_BULK_DESTROY] =
+        "UPDATE deks SET state = 'destroyed', wrapped = NULL, destroyed_at = ?3 "
+        "WHERE key_id = ?1 AND state IN ('active', 'revoked') AND " SQ_CONTEXT_HOLDS_FILTER,
 };
 
 /* Key rows joined with their versions and live DEK counts (one statement:
@@ -94,16 +130,43 @@ static const char *const writer_sql[W_COUNT] = {
     "k.created, v.version, v.state, v.token_id, v.created, v.wrap_count, 0 "                       \
     "FROM keys k JOIN key_versions v ON v.key_id = k.id "
 
-enum { R_PING, R_KEY_GET, R_KEY_META, R_KEY_LIST, R_DEK_GET, R_TOKEN_IDS, R_COUNT };
+enum {
+    R_PING,
+    R_KEY_GET,
+    R_KEY_META,
+    R_KEY_LIST,
+    R_DEK_GET,
+    R_TOKEN_IDS,
+    R_KEY_ID,
+    R_DEK_LIST,
+    R_DEK_LIST_STATE,
+    R_COUNT
+};
+
+/* DEK columns read by dek_from_row; the last one is the wrapped bytes
+ * (NULL in listings, which never read them). */
+#define SQ_DEK_COLUMNS                                                                             \
+    "SELECT d.id, k.name, d.version, d.state, d.context, d.created, d.revoked_at, "                \
+    "d.revoke_reason, d.destroyed_at, "
+#define SQ_DEK_COL_WRAPPED 9
 
 static const char *const reader_sql[R_COUNT] = {
     [R_PING] = "SELECT coalesce(max(version), 0) FROM schema_version",
     [R_KEY_GET] = SQ_KEY_COLUMNS "WHERE k.name = ?1 ORDER BY v.version",
     [R_KEY_META] = SQ_KEY_META_COLUMNS "WHERE k.name = ?1 ORDER BY v.version",
     [R_KEY_LIST] = SQ_KEY_COLUMNS "ORDER BY k.name, v.version",
-    [R_DEK_GET] = "SELECT d.id, k.name, d.version, d.state, d.context, d.wrapped, d.created "
-                  "FROM deks d JOIN keys k ON k.id = d.key_id WHERE d.id = ?1",
+    [R_DEK_GET] = SQ_DEK_COLUMNS "d.wrapped FROM deks d JOIN keys k ON k.id = d.key_id "
+                                 "WHERE d.id = ?1",
     [R_TOKEN_IDS] = "SELECT token_id FROM key_versions ORDER BY key_id, version",
+    [R_KEY_ID] = "SELECT id FROM keys WHERE name = ?1",
+    /* Cursor pagination: deks_by_key (key_id, id) and deks_by_state
+     * (key_id, state, id) deliver the rows in id order from the cursor;
+     * one row more than asked tells whether another page follows. */
+    [R_DEK_LIST] = SQ_DEK_COLUMNS "NULL FROM deks d JOIN keys k ON k.id = d.key_id "
+                                  "WHERE d.key_id = ?1 AND d.id > ?2 ORDER BY d.id LIMIT ?3",
+    [R_DEK_LIST_STATE] = SQ_DEK_COLUMNS "NULL FROM deks d JOIN keys k ON k.id = d.key_id "
+                                        "WHERE d.key_id = ?1 AND d.state = ?4 AND d.id > ?2 "
+                                        "ORDER BY d.id LIMIT ?3",
 };
 
 /* ---- types -------------------------------------------------------------- */
@@ -128,6 +191,10 @@ typedef struct sq_store {
     int pool_ok;
     kms_gc *gc;
     atomic_int writer_failed; /* last group failed outside a constraint */
+    int wipe_pending;         /* writer thread only: destroyed bytes may be in the WAL */
+    int wipe_new;             /* writer thread only: this group destroyed something */
+    atomic_uint_fast64_t wal_truncations;
+    atomic_uint_fast64_t wal_truncate_busy;
     kms_sqlite_pragmas pragmas;
 } sq_store;
 
@@ -398,11 +465,50 @@ static p11kms_status sq_gc_begin(void *ctx)
     sq_store *s = ctx;
     int rc = step_done(s->writer.stmt[W_BEGIN]);
 
+    s->wipe_new = 0;
     if (rc != SQLITE_DONE) {
         atomic_store(&s->writer_failed, 1);
         return SQ_FAIL(s->writer.db, rc, "BEGIN IMMEDIATE");
     }
     return P11KMS_OK;
+}
+
+/* After a commit that destroyed wrapped bytes: copy every WAL frame into
+ * the database file and truncate the WAL to zero bytes, so no earlier
+ * frame holding them is left in either file.  Best effort: a busy reader
+ * or writer is waited for briefly (patient: a destroy in this group), or
+ * not at all (a retry for an earlier group), then the wipe stays pending. */
+static void wal_truncate(sq_store *s, int patient)
+{
+    sqlite3 *db = s->writer.db;
+    int rc = SQLITE_OK, log_frames = -1, ckpt_frames = -1;
+
+    sqlite3_busy_timeout(db, patient ? SQ_CKPT_WAIT_MS : 0);
+    for (int i = 0; i < (patient ? SQ_CKPT_TRIES : 1); i++) {
+        rc = sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_TRUNCATE, &log_frames,
+                                       &ckpt_frames);
+        if ((rc & 0xff) != SQLITE_BUSY && (rc & 0xff) != SQLITE_LOCKED)
+            break;
+    }
+    sqlite3_busy_timeout(db, SQ_BUSY_TIMEOUT_MS);
+    if (rc == SQLITE_OK) {
+        s->wipe_pending = 0;
+        atomic_fetch_add(&s->wal_truncations, 1);
+        LOG_DEBUG("store", "WAL checkpointed and truncated after a destroy (%d frames)",
+                  ckpt_frames);
+        return;
+    }
+    atomic_fetch_add(&s->wal_truncate_busy, 1);
+    if (((rc & 0xff) == SQLITE_BUSY || (rc & 0xff) == SQLITE_LOCKED) && !patient)
+        LOG_DEBUG("store", "WAL truncation retry still blocked by a reader");
+    else if ((rc & 0xff) == SQLITE_BUSY || (rc & 0xff) == SQLITE_LOCKED)
+        LOG_WARN("store",
+                 "truncating WAL checkpoint after a destroy is blocked by a reader "
+                 "(%d of %d frames copied); destroyed wrapped bytes may remain in %s-wal "
+                 "until the next commit retries it",
+                 ckpt_frames, log_frames, s->path);
+    else
+        SQ_FAIL(db, rc, "truncating WAL checkpoint after a destroy");
 }
 
 static p11kms_status sq_gc_commit(void *ctx)
@@ -415,6 +521,9 @@ static p11kms_status sq_gc_commit(void *ctx)
         return SQ_FAIL(s->writer.db, rc, "COMMIT");
     }
     atomic_store(&s->writer_failed, 0);
+    if (s->wipe_pending)
+        wal_truncate(s, s->wipe_new); /* before the callers wake: a destroy returns wiped */
+    s->wipe_new = 0;
     return P11KMS_OK;
 }
 
@@ -526,6 +635,116 @@ out:
     return rv;
 }
 
+/* Step a one-row, one-integer query (bindings already set), reset it.
+ * *found is 0 when it returned no row. */
+static int step_int64(sqlite3_stmt *q, int *found, sqlite3_int64 *value)
+{
+    int rc = sqlite3_step(q);
+
+    *found = rc == SQLITE_ROW;
+    if (*found) {
+        *value = sqlite3_column_int64(q, 0);
+        rc = SQLITE_DONE;
+    }
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    return rc;
+}
+
+/* Why a one-DEK transition changed nothing: the DEK is missing, or already
+ * in the target state (revoke: fine, idempotent), or past it. */
+static p11kms_status why_unchanged(sq_store *s, const kms_write *w)
+{
+    sqlite3_stmt *q = s->writer.stmt[W_DEK_STATE];
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    int rc, state;
+
+    sqlite3_bind_text(q, 1, w->u.dek_state.id, -1, SQLITE_STATIC);
+    rc = sqlite3_step(q);
+    if (rc == SQLITE_DONE) {
+        rv = P11KMS_ERR_DEK_NOT_FOUND;
+        goto out;
+    }
+    if (rc != SQLITE_ROW) {
+        rv = SQ_FAIL(s->writer.db, rc, "reading a DEK state");
+        goto out;
+    }
+    state = kms_dek_state_parse((const char *)sqlite3_column_text(q, 0));
+    if (state == KMS_DEK_DESTROYED)
+        rv = P11KMS_ERR_DEK_DESTROYED;
+    else if (state == KMS_DEK_REVOKED && w->type == KMS_WRITE_DEK_REVOKE)
+        rv = P11KMS_OK; /* already revoked: first reason and time kept */
+    else {
+        LOG_ERROR("store", "DEK %s in state %s refused a state change", w->u.dek_state.id,
+                  state >= 0 ? kms_dek_state_name((kms_dek_state)state) : "(malformed)");
+        rv = P11KMS_ERR_INTERNAL;
+    }
+out:
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    return rv;
+}
+
+/* KMS_WRITE_DEK_REVOKE / _DESTROY, one DEK (id set) or in bulk. */
+static p11kms_status apply_dek_state(sq_store *s, kms_write *w)
+{
+    sqlite3 *db = s->writer.db;
+    int revoke = w->type == KMS_WRITE_DEK_REVOKE, found = 0, rc;
+    const char *reason = revoke ? kms_revoke_reason_name(w->u.dek_state.reason) : NULL;
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    sqlite3_int64 key_id = 0;
+    sqlite3_stmt *q;
+
+    if (revoke && reason == NULL) {
+        rv = P11KMS_ERR_BAD_REQUEST;
+        goto out;
+    }
+    if (w->u.dek_state.id != NULL) {
+        q = s->writer.stmt[revoke ? W_DEK_REVOKE : W_DEK_DESTROY];
+        sqlite3_bind_text(q, 1, w->u.dek_state.id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(q, 2, w->u.dek_state.now);
+        if (revoke)
+            sqlite3_bind_text(q, 3, reason, -1, SQLITE_STATIC);
+    } else {
+        sqlite3_bind_text(s->writer.stmt[W_KEY_ID], 1, w->u.dek_state.key, -1, SQLITE_STATIC);
+        rc = step_int64(s->writer.stmt[W_KEY_ID], &found, &key_id);
+        if (rc != SQLITE_DONE) {
+            rv = SQ_FAIL(db, rc, "looking up a key");
+            goto out;
+        }
+        if (!found) {
+            rv = P11KMS_ERR_KEY_NOT_FOUND;
+            goto out;
+        }
+        q = s->writer.stmt[revoke ? W_BULK_REVOKE : W_BULK_DESTROY];
+        sqlite3_bind_int64(q, 1, key_id);
+        sqlite3_bind_text(q, 2, w->u.dek_state.filter, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(q, 3, w->u.dek_state.now);
+        if (revoke)
+            sqlite3_bind_text(q, 4, reason, -1, SQLITE_STATIC);
+    }
+    rc = step_done(q);
+    if (is_constraint(rc)) {
+        LOG_ERROR("store", "DEK state change refused: %s", sqlite3_errmsg(db));
+        rv = P11KMS_ERR_INTERNAL;
+        goto out;
+    }
+    if (rc != SQLITE_DONE) {
+        rv = SQ_FAIL(db, rc, revoke ? "revoking data keys" : "destroying data keys");
+        goto out;
+    }
+    w->u.dek_state.count = (uint64_t)sqlite3_changes64(db);
+    if (!revoke && w->u.dek_state.count > 0)
+        s->wipe_pending = s->wipe_new = 1;
+    if (w->u.dek_state.id != NULL && w->u.dek_state.count == 0) {
+        rv = why_unchanged(s, w);
+        goto out;
+    }
+    rv = P11KMS_OK;
+out:
+    return rv;
+}
+
 static p11kms_status sq_gc_apply(void *ctx, kms_write *w)
 {
     sq_store *s = ctx;
@@ -542,6 +761,8 @@ static p11kms_status sq_gc_apply(void *ctx, kms_write *w)
     case KMS_WRITE_NOOP: rv = P11KMS_OK; break;
     case KMS_WRITE_KEY_CREATE: rv = apply_key_create(s, w); break;
     case KMS_WRITE_DEK_INSERT: rv = apply_dek_insert(s, w); break;
+    case KMS_WRITE_DEK_REVOKE:
+    case KMS_WRITE_DEK_DESTROY: rv = apply_dek_state(s, w); break;
     default: rv = P11KMS_ERR_INTERNAL; break;
     }
     if (rv == P11KMS_ERR_STORE_UNAVAILABLE)
@@ -808,33 +1029,20 @@ static p11kms_status sq_key_list(kms_store *st, kms_key_rec ***out, size_t *coun
     return rv;
 }
 
-static p11kms_status sq_dek_get(kms_store *st, const char *id, kms_dek_rec **out)
+/* A DEK record from a row of SQ_DEK_COLUMNS (+ wrapped or NULL). */
+static p11kms_status dek_from_row(sqlite3_stmt *q, kms_dek_rec **out)
 {
-    sq_store *s = sq_of(st);
-    sq_conn *c = reader_get(s);
-    sqlite3_stmt *q = c->stmt[R_DEK_GET];
-    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    p11kms_status rv = P11KMS_ERR_INTERNAL;
     kms_dek_rec *d = NULL;
-    const unsigned char *ctx;
-    int rc, state, wlen;
+    const unsigned char *ctx = sqlite3_column_text(q, 4);
+    const char *reason_name = (const char *)sqlite3_column_text(q, 7);
+    int state = kms_dek_state_parse((const char *)sqlite3_column_text(q, 3));
+    int reason = reason_name != NULL ? kms_revoke_reason_parse(reason_name) : KMS_REVOKE_NONE;
+    int wlen = sqlite3_column_bytes(q, SQ_DEK_COL_WRAPPED);
 
-    sqlite3_bind_text(q, 1, id, -1, SQLITE_STATIC);
-    rc = sqlite3_step(q);
-    if (rc == SQLITE_DONE) {
-        rv = P11KMS_ERR_DEK_NOT_FOUND;
-        goto out;
-    }
-    if (rc != SQLITE_ROW) {
-        SQ_FAIL(c->db, rc, "reading a DEK");
-        goto out;
-    }
-    state = kms_dek_state_parse((const char *)sqlite3_column_text(q, 3));
-    wlen = sqlite3_column_bytes(q, 5);
-    ctx = sqlite3_column_text(q, 4);
-    if (state < 0 || wlen > KMS_WRAPPED_MAX || ctx == NULL ||
+    if (state < 0 || reason < 0 || wlen > KMS_WRAPPED_MAX || ctx == NULL ||
         sqlite3_column_bytes(q, 0) != KMS_DEK_ID_LEN || sqlite3_column_bytes(q, 1) > KMS_NAME_MAX) {
-        LOG_ERROR("store", "DEK row %s is malformed", id);
-        rv = P11KMS_ERR_INTERNAL;
+        LOG_ERROR("store", "DEK row %.36s is malformed", (const char *)sqlite3_column_text(q, 0));
         goto out;
     }
     rv = P11KMS_ERR_NO_MEMORY;
@@ -848,16 +1056,98 @@ static p11kms_status sq_dek_get(kms_store *st, const char *id, kms_dek_rec **out
     text_copy(d->key, sizeof(d->key), sqlite3_column_text(q, 1));
     d->version = (uint32_t)sqlite3_column_int64(q, 2);
     d->state = (kms_dek_state)state;
+    d->created = sqlite3_column_int64(q, 5);
+    d->revoked_at = sqlite3_column_int64(q, 6); /* NULL reads as 0 */
+    d->revoke_reason = (kms_revoke_reason)reason;
+    d->destroyed_at = sqlite3_column_int64(q, 8);
     if (wlen > 0)
-        memcpy(d->wrapped, sqlite3_column_blob(q, 5), (size_t)wlen);
+        memcpy(d->wrapped, sqlite3_column_blob(q, SQ_DEK_COL_WRAPPED), (size_t)wlen);
     d->wrapped_len = (size_t)wlen;
-    d->created = sqlite3_column_int64(q, 6);
     *out = d;
     d = NULL;
     rv = P11KMS_OK;
 out:
-    reader_put(s, c);
     kms_dek_rec_free(d);
+    return rv;
+}
+
+static p11kms_status sq_dek_get(kms_store *st, const char *id, kms_dek_rec **out)
+{
+    sq_store *s = sq_of(st);
+    sq_conn *c = reader_get(s);
+    sqlite3_stmt *q = c->stmt[R_DEK_GET];
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    int rc;
+
+    sqlite3_bind_text(q, 1, id, -1, SQLITE_STATIC);
+    rc = sqlite3_step(q);
+    if (rc == SQLITE_DONE) {
+        rv = P11KMS_ERR_DEK_NOT_FOUND;
+        goto out;
+    }
+    if (rc != SQLITE_ROW) {
+        SQ_FAIL(c->db, rc, "reading a DEK");
+        goto out;
+    }
+    rv = dek_from_row(q, out);
+out:
+    reader_put(s, c);
+    return rv;
+}
+
+static p11kms_status sq_dek_list(kms_store *st, const char *key, int state, const char *cursor,
+                                 size_t limit, kms_dek_rec ***out, size_t *count, int *more)
+{
+    sq_store *s = sq_of(st);
+    sq_conn *c = reader_get(s);
+    sqlite3_stmt *q = c->stmt[state >= 0 ? R_DEK_LIST_STATE : R_DEK_LIST];
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    kms_dek_rec **deks = NULL;
+    sqlite3_int64 key_id = 0;
+    size_t n = 0;
+    int found = 0, rc;
+
+    sqlite3_bind_text(c->stmt[R_KEY_ID], 1, key, -1, SQLITE_STATIC);
+    rc = step_int64(c->stmt[R_KEY_ID], &found, &key_id);
+    if (rc != SQLITE_DONE) {
+        SQ_FAIL(c->db, rc, "looking up a key");
+        goto out;
+    }
+    if (!found) {
+        rv = P11KMS_ERR_KEY_NOT_FOUND;
+        goto out;
+    }
+    rv = P11KMS_ERR_NO_MEMORY;
+    deks = calloc(limit, sizeof(*deks));
+    if (deks == NULL)
+        goto out;
+    sqlite3_bind_int64(q, 1, key_id);
+    sqlite3_bind_text(q, 2, cursor, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(q, 3, (sqlite3_int64)limit + 1); /* one more: is there a next page? */
+    if (state >= 0)
+        sqlite3_bind_text(q, 4, kms_dek_state_name((kms_dek_state)state), -1, SQLITE_STATIC);
+    *more = 0;
+    while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
+        if (n == limit) {
+            *more = 1;
+            break;
+        }
+        rv = dek_from_row(q, &deks[n]);
+        if (rv != P11KMS_OK)
+            goto out;
+        n++;
+    }
+    if (rc != SQLITE_ROW && rc != SQLITE_DONE) {
+        rv = SQ_FAIL(c->db, rc, "listing DEKs");
+        goto out;
+    }
+    *out = deks;
+    *count = n;
+    deks = NULL;
+    rv = P11KMS_OK;
+out:
+    reader_put(s, c);
+    kms_dek_list_free(deks, n);
     return rv;
 }
 
@@ -924,9 +1214,65 @@ static p11kms_status sq_dek_insert(kms_store *st, const kms_dek_rec *dek)
     return kms_gc_submit(sq_of(st)->gc, &w);
 }
 
+static p11kms_status dek_state_submit(kms_store *st, kms_write *w, uint64_t *count)
+{
+    p11kms_status rv = kms_gc_submit(sq_of(st)->gc, w);
+
+    if (rv == P11KMS_OK && count != NULL)
+        *count = w->u.dek_state.count;
+    return rv;
+}
+
+static p11kms_status sq_dek_revoke(kms_store *st, const char *id, kms_revoke_reason reason,
+                                   int64_t now)
+{
+    kms_write w = {.type = KMS_WRITE_DEK_REVOKE};
+
+    w.u.dek_state.id = id;
+    w.u.dek_state.reason = reason;
+    w.u.dek_state.now = now;
+    return dek_state_submit(st, &w, NULL);
+}
+
+static p11kms_status sq_dek_destroy(kms_store *st, const char *id, int64_t now)
+{
+    kms_write w = {.type = KMS_WRITE_DEK_DESTROY};
+
+    w.u.dek_state.id = id;
+    w.u.dek_state.now = now;
+    return dek_state_submit(st, &w, NULL);
+}
+
+static p11kms_status sq_dek_revoke_bulk(kms_store *st, const char *key, const char *filter,
+                                        kms_revoke_reason reason, int64_t now, uint64_t *count)
+{
+    kms_write w = {.type = KMS_WRITE_DEK_REVOKE};
+
+    w.u.dek_state.key = key;
+    w.u.dek_state.filter = filter;
+    w.u.dek_state.reason = reason;
+    w.u.dek_state.now = now;
+    return dek_state_submit(st, &w, count);
+}
+
+static p11kms_status sq_dek_destroy_bulk(kms_store *st, const char *key, const char *filter,
+                                         int64_t now, uint64_t *count)
+{
+    kms_write w = {.type = KMS_WRITE_DEK_DESTROY};
+
+    w.u.dek_state.key = key;
+    w.u.dek_state.filter = filter;
+    w.u.dek_state.now = now;
+    return dek_state_submit(st, &w, count);
+}
+
 static void sq_stats(kms_store *st, kms_store_stats_ex *out)
 {
-    kms_gc_stats(sq_of(st)->gc, out);
+    sq_store *s = sq_of(st);
+
+    kms_gc_stats(s->gc, out);
+    out->wal_truncations = atomic_load(&s->wal_truncations);
+    out->wal_truncate_busy = atomic_load(&s->wal_truncate_busy);
 }
 
 p11kms_status kms_sqlite_pragmas_get(kms_store *st, kms_sqlite_pragmas *out)
@@ -947,6 +1293,11 @@ static const kms_store_ops sq_ops = {
     .key_list = sq_key_list,
     .dek_insert = sq_dek_insert,
     .dek_get = sq_dek_get,
+    .dek_revoke = sq_dek_revoke,
+    .dek_destroy = sq_dek_destroy,
+    .dek_revoke_bulk = sq_dek_revoke_bulk,
+    .dek_destroy_bulk = sq_dek_destroy_bulk,
+    .dek_list = sq_dek_list,
     .token_ids = sq_token_ids,
     .stats = sq_stats,
 };

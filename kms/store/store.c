@@ -11,6 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <jansson.h>
+
 static int name_ok(const char *name)
 {
     size_t n;
@@ -96,6 +98,89 @@ p11kms_status kms_store_dek_get(kms_store *st, const char *id, kms_dek_rec **out
     return st->ops->dek_get(st, id, out);
 }
 
+static int reason_ok(kms_revoke_reason r)
+{
+    return r == KMS_REVOKE_COMPROMISED || r == KMS_REVOKE_SUPERSEDED || r == KMS_REVOKE_CESSATION ||
+           r == KMS_REVOKE_UNSPECIFIED;
+}
+
+/* A bulk filter is a JSON object of string values naming at least one
+ * pair ("{}" would match every DEK of the key).  Checked here so that no
+ * backend ever sees malformed JSON inside a shared group commit. */
+static int filter_ok(const char *filter)
+{
+    json_t *j = NULL, *v;
+    const char *name;
+    int ok = 0;
+
+    if (filter == NULL)
+        goto out;
+    j = json_loads(filter, JSON_REJECT_DUPLICATES, NULL);
+    if (j == NULL || !json_is_object(j) || json_object_size(j) == 0)
+        goto out;
+    ok = 1;
+    json_object_foreach(j, name, v)
+    {
+        if (!json_is_string(v))
+            ok = 0;
+    }
+out:
+    json_decref(j);
+    return ok;
+}
+
+p11kms_status kms_store_dek_revoke(kms_store *st, const char *id, kms_revoke_reason reason,
+                                   int64_t now)
+{
+    if (st == NULL || id == NULL || !reason_ok(reason) || now <= 0)
+        return P11KMS_ERR_BAD_REQUEST;
+    if (!dek_id_ok(id))
+        return P11KMS_ERR_DEK_NOT_FOUND;
+    return st->ops->dek_revoke(st, id, reason, now);
+}
+
+p11kms_status kms_store_dek_destroy(kms_store *st, const char *id, int64_t now)
+{
+    if (st == NULL || id == NULL || now <= 0)
+        return P11KMS_ERR_BAD_REQUEST;
+    if (!dek_id_ok(id))
+        return P11KMS_ERR_DEK_NOT_FOUND;
+    return st->ops->dek_destroy(st, id, now);
+}
+
+p11kms_status kms_store_dek_revoke_bulk(kms_store *st, const char *key, const char *filter,
+                                        kms_revoke_reason reason, int64_t now, uint64_t *count)
+{
+    if (st == NULL || key == NULL || !filter_ok(filter) || !reason_ok(reason) || now <= 0 ||
+        count == NULL)
+        return P11KMS_ERR_BAD_REQUEST;
+    if (!name_ok(key))
+        return P11KMS_ERR_KEY_NOT_FOUND;
+    return st->ops->dek_revoke_bulk(st, key, filter, reason, now, count);
+}
+
+p11kms_status kms_store_dek_destroy_bulk(kms_store *st, const char *key, const char *filter,
+                                         int64_t now, uint64_t *count)
+{
+    if (st == NULL || key == NULL || !filter_ok(filter) || now <= 0 || count == NULL)
+        return P11KMS_ERR_BAD_REQUEST;
+    if (!name_ok(key))
+        return P11KMS_ERR_KEY_NOT_FOUND;
+    return st->ops->dek_destroy_bulk(st, key, filter, now, count);
+}
+
+p11kms_status kms_store_dek_list(kms_store *st, const char *key, int state, const char *cursor,
+                                 size_t limit, kms_dek_rec ***out, size_t *count, int *more)
+{
+    if (st == NULL || key == NULL || out == NULL || count == NULL || more == NULL || limit == 0 ||
+        limit > KMS_DEK_LIST_MAX || state < -1 || state > KMS_DEK_DESTROYED ||
+        (cursor != NULL && strnlen(cursor, KMS_DEK_ID_LEN + 1) > KMS_DEK_ID_LEN))
+        return P11KMS_ERR_BAD_REQUEST;
+    if (!name_ok(key))
+        return P11KMS_ERR_KEY_NOT_FOUND;
+    return st->ops->dek_list(st, key, state, cursor != NULL ? cursor : "", limit, out, count, more);
+}
+
 p11kms_status kms_store_token_ids(kms_store *st, unsigned char (**ids)[KMS_TOKEN_ID_LEN],
                                   size_t *count)
 {
@@ -147,6 +232,15 @@ void kms_dek_rec_free(kms_dek_rec *d)
     free(d);
 }
 
+void kms_dek_list_free(kms_dek_rec **deks, size_t count)
+{
+    if (deks == NULL)
+        return;
+    for (size_t i = 0; i < count; i++)
+        kms_dek_rec_free(deks[i]);
+    free(deks);
+}
+
 p11kms_status kms_key_rec_add_version(kms_key_rec *k, const kms_version_rec *v)
 {
     kms_version_rec *grown;
@@ -162,6 +256,9 @@ p11kms_status kms_key_rec_add_version(kms_key_rec *k, const kms_version_rec *v)
 static const char *const key_state_names[] = {"enabled", "disabled"};
 static const char *const version_state_names[] = {"active", "destroyed"};
 static const char *const dek_state_names[] = {"active", "revoked", "destroyed"};
+/* Indexed by kms_revoke_reason; [KMS_REVOKE_NONE] is not a name. */
+static const char *const revoke_reason_names[] = {NULL, "compromised", "superseded", "cessation",
+                                                  "unspecified"};
 
 #define N_OF(a) (sizeof(a) / sizeof((a)[0]))
 
@@ -170,7 +267,7 @@ static int parse_name(const char *const *names, size_t n, const char *s)
     if (s == NULL)
         return -1;
     for (size_t i = 0; i < n; i++)
-        if (strcmp(names[i], s) == 0)
+        if (names[i] != NULL && strcmp(names[i], s) == 0)
             return (int)i;
     return -1;
 }
@@ -203,4 +300,14 @@ int kms_version_state_parse(const char *s)
 int kms_dek_state_parse(const char *s)
 {
     return parse_name(dek_state_names, N_OF(dek_state_names), s);
+}
+
+const char *kms_revoke_reason_name(kms_revoke_reason r)
+{
+    return (size_t)r < N_OF(revoke_reason_names) ? revoke_reason_names[r] : NULL;
+}
+
+int kms_revoke_reason_parse(const char *s)
+{
+    return parse_name(revoke_reason_names, N_OF(revoke_reason_names), s);
 }

@@ -33,6 +33,19 @@ typedef enum kms_key_state { KMS_KEY_ENABLED = 0, KMS_KEY_DISABLED } kms_key_sta
 typedef enum kms_version_state { KMS_VERSION_ACTIVE = 0, KMS_VERSION_DESTROYED } kms_version_state;
 typedef enum kms_dek_state { KMS_DEK_ACTIVE = 0, KMS_DEK_REVOKED, KMS_DEK_DESTROYED } kms_dek_state;
 
+/* Why a DEK was revoked (the reason codes of RFC 5280 that apply to a
+ * data key).  KMS_REVOKE_NONE: never revoked. */
+typedef enum kms_revoke_reason {
+    KMS_REVOKE_NONE = 0,
+    KMS_REVOKE_COMPROMISED,
+    KMS_REVOKE_SUPERSEDED,
+    KMS_REVOKE_CESSATION,
+    KMS_REVOKE_UNSPECIFIED
+} kms_revoke_reason;
+
+#define KMS_DEK_LIST_DEFAULT 100 /* page size of kms_store_dek_list */
+#define KMS_DEK_LIST_MAX 1000
+
 typedef struct kms_version_rec {
     uint32_t version;
     kms_version_state state;
@@ -60,8 +73,11 @@ typedef struct kms_dek_rec {
     kms_dek_state state;
     char *context;           /* canonical JSON text, owned by the record */
     unsigned char wrapped[KMS_WRAPPED_MAX];
-    size_t wrapped_len;      /* 0 once destroyed */
-    int64_t created;
+    size_t wrapped_len;      /* 0 once destroyed (and in listed records) */
+    int64_t created;         /* unix seconds */
+    int64_t revoked_at;      /* unix seconds; 0 = never revoked */
+    kms_revoke_reason revoke_reason; /* KMS_REVOKE_NONE = never revoked */
+    int64_t destroyed_at;    /* unix seconds; 0 = not destroyed */
 } kms_dek_rec;
 
 typedef struct kms_store kms_store;
@@ -108,6 +124,52 @@ p11kms_status kms_store_dek_insert(kms_store *st, const kms_dek_rec *dek);
 /* A DEK row.  P11KMS_ERR_DEK_NOT_FOUND.  Free with kms_dek_rec_free. */
 p11kms_status kms_store_dek_get(kms_store *st, const char *id, kms_dek_rec **out);
 
+/* Revoke DEK `id` (active -> revoked) with `reason` (not
+ * KMS_REVOKE_NONE) at time `now`, through the group-commit writer.
+ * Durable on return.  A DEK already revoked is left exactly as it is (its
+ * first reason and time are kept) and P11KMS_OK is returned: revocation is
+ * idempotent.  P11KMS_ERR_DEK_NOT_FOUND, P11KMS_ERR_DEK_DESTROYED (states
+ * never move backwards). */
+p11kms_status kms_store_dek_revoke(kms_store *st, const char *id, kms_revoke_reason reason,
+                                   int64_t now);
+
+/* Destroy DEK `id` (active or revoked -> destroyed) at time `now`: its
+ * wrapped bytes are set to NULL (the metadata stays for audit).  Durable on
+ * return, and on SQLite the wrapped bytes are gone from the database file
+ * and the WAL by then too (secure_delete, then a truncating WAL checkpoint
+ * on the writer right after the commit; if the checkpoint is blocked by a
+ * long reader it is logged and retried after the next commit).
+ * P11KMS_ERR_DEK_NOT_FOUND, P11KMS_ERR_DEK_DESTROYED (already destroyed). */
+p11kms_status kms_store_dek_destroy(kms_store *st, const char *id, int64_t now);
+
+/* Bulk revoke: every active DEK of key `key` whose context holds every
+ * pair of `filter` (a canonical JSON object of string values with at least
+ * one pair) becomes revoked with `reason` at `now`, in one transaction.
+ * DEKs already revoked or destroyed are not touched.  *count receives the
+ * number of DEKs revoked.  P11KMS_ERR_KEY_NOT_FOUND; P11KMS_ERR_BAD_REQUEST
+ * for an empty filter (it would match every DEK of the key). */
+p11kms_status kms_store_dek_revoke_bulk(kms_store *st, const char *key, const char *filter,
+                                        kms_revoke_reason reason, int64_t now, uint64_t *count);
+
+/* Bulk destroy: as kms_store_dek_revoke_bulk, for every active or revoked
+ * DEK of `key` matching `filter`; one transaction, then one truncating
+ * WAL checkpoint (as kms_store_dek_destroy).  *count receives the number
+ * of DEKs destroyed. */
+p11kms_status kms_store_dek_destroy_bulk(kms_store *st, const char *key, const char *filter,
+                                         int64_t now, uint64_t *count);
+
+/* One page of the DEKs of key `key`, ordered by id: those with id greater
+ * than `cursor` (NULL or "" for the first page), in state `state` (a
+ * kms_dek_state, or -1 for every state), at most `limit` (1 to
+ * KMS_DEK_LIST_MAX) of them.  Records carry no wrapped bytes
+ * (wrapped_len 0).  *more is set to 1 when DEKs follow the last one
+ * returned (pass its id as the next cursor), 0 otherwise.  The order is
+ * stable: paging through never repeats a DEK and never skips one that
+ * existed (in that state) for the whole walk.  P11KMS_ERR_KEY_NOT_FOUND.
+ * Free *out with kms_dek_list_free. */
+p11kms_status kms_store_dek_list(kms_store *st, const char *key, int state, const char *cursor,
+                                 size_t limit, kms_dek_rec ***out, size_t *count, int *more);
+
 /* The CKA_IDs of every key version the store refers to (destroyed ones
  * included), for orphan reconciliation.  *ids freed with free(). */
 p11kms_status kms_store_token_ids(kms_store *st,
@@ -121,9 +183,18 @@ void kms_store_stats(kms_store *st, uint64_t *commits, uint64_t *writes);
 void kms_key_rec_free(kms_key_rec *k);
 void kms_key_list_free(kms_key_rec **keys, size_t count);
 void kms_dek_rec_free(kms_dek_rec *d);
+void kms_dek_list_free(kms_dek_rec **deks, size_t count);
 
 const char *kms_key_state_name(kms_key_state s);         /* "enabled" */
 const char *kms_version_state_name(kms_version_state s); /* "active" */
 const char *kms_dek_state_name(kms_dek_state s);         /* "revoked" */
+const char *kms_revoke_reason_name(kms_revoke_reason r); /* "compromised"; NULL for NONE */
+
+/* Parse a DEK state name ("active", "revoked", "destroyed"); -1 when
+ * unknown. */
+int kms_dek_state_parse(const char *s);
+
+/* Parse a revoke reason name; -1 when unknown ("none" is not a name). */
+int kms_revoke_reason_parse(const char *s);
 
 #endif

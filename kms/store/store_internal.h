@@ -24,10 +24,12 @@
 /* ---- ops table ---------------------------------------------------------- */
 
 typedef struct kms_store_stats_ex {
-    uint64_t commits;       /* groups committed */
-    uint64_t writes;        /* writes handled by committed groups */
-    uint64_t failed_groups; /* groups rolled back (begin/commit/fatal error) */
-    uint64_t queued;        /* writes waiting for the writer right now */
+    uint64_t commits;           /* groups committed */
+    uint64_t writes;            /* writes handled by committed groups */
+    uint64_t failed_groups;     /* groups rolled back (begin/commit/fatal error) */
+    uint64_t queued;            /* writes waiting for the writer right now */
+    uint64_t wal_truncations;   /* truncating WAL checkpoints after destroys */
+    uint64_t wal_truncate_busy; /* ... that a reader or writer blocked (retried later) */
 } kms_store_stats_ex;
 
 typedef struct kms_store_ops {
@@ -41,6 +43,15 @@ typedef struct kms_store_ops {
     p11kms_status (*key_list)(kms_store *st, kms_key_rec ***out, size_t *count);
     p11kms_status (*dek_insert)(kms_store *st, const kms_dek_rec *dek);
     p11kms_status (*dek_get)(kms_store *st, const char *id, kms_dek_rec **out);
+    p11kms_status (*dek_revoke)(kms_store *st, const char *id, kms_revoke_reason reason,
+                                int64_t now);
+    p11kms_status (*dek_destroy)(kms_store *st, const char *id, int64_t now);
+    p11kms_status (*dek_revoke_bulk)(kms_store *st, const char *key, const char *filter,
+                                     kms_revoke_reason reason, int64_t now, uint64_t *count);
+    p11kms_status (*dek_destroy_bulk)(kms_store *st, const char *key, const char *filter,
+                                      int64_t now, uint64_t *count);
+    p11kms_status (*dek_list)(kms_store *st, const char *key, int state, const char *cursor,
+                              size_t limit, kms_dek_rec ***out, size_t *count, int *more);
     p11kms_status (*token_ids)(kms_store *st, unsigned char (**ids)[KMS_TOKEN_ID_LEN],
                                size_t *count);
     void (*stats)(kms_store *st, kms_store_stats_ex *out);
@@ -58,7 +69,9 @@ void kms_store_stats_get(kms_store *st, kms_store_stats_ex *out);
 typedef enum kms_write_type {
     KMS_WRITE_NOOP = 0, /* an empty transaction: proves the writer can write */
     KMS_WRITE_KEY_CREATE,
-    KMS_WRITE_DEK_INSERT
+    KMS_WRITE_DEK_INSERT,
+    KMS_WRITE_DEK_REVOKE, /* one DEK, or (key, filter) in bulk */
+    KMS_WRITE_DEK_DESTROY /* one DEK, or (key, filter) in bulk */
 } kms_write_type;
 
 /* One queued write.  Lives on the submitting thread's stack; every pointer
@@ -74,6 +87,14 @@ typedef struct kms_write {
         struct {
             const kms_dek_rec *dek;
         } dek_insert;
+        struct {
+            const char *id;           /* one DEK; NULL for bulk */
+            const char *key;          /* bulk: the key's name */
+            const char *filter;       /* bulk: canonical JSON object, >= 1 pair */
+            kms_revoke_reason reason; /* revoke only */
+            int64_t now;
+            uint64_t count; /* out (bulk): DEKs changed */
+        } dek_state;
     } u;
     p11kms_status result; /* written by the writer thread */
     int done;             /* set under the queue mutex */
@@ -114,7 +135,7 @@ p11kms_status kms_key_rec_add_version(kms_key_rec *k, const kms_version_rec *v);
 /* Parse state names written by kms_*_state_name; -1 when unknown. */
 int kms_key_state_parse(const char *s);
 int kms_version_state_parse(const char *s);
-int kms_dek_state_parse(const char *s);
+/* kms_dek_state_parse and kms_revoke_reason_parse are in store.h. */
 
 /* ---- SQLite backend (sqlite.c, migrations.c) ---------------------------- */
 
