@@ -1,0 +1,286 @@
+/*
+ * tests/bench/bench.c - p11kms_bench: run the benchmark sections, print
+ * the table, write the JSON (issue 7).
+ *
+ *   p11kms_bench [--seconds S] [--clients N] [--out FILE] [--only LIST]
+ *                [--kmsd PATH] [--shim PATH] [--softhsm PATH]
+ *                [--slow-delay-us US]
+ *
+ * LIST is a comma-separated subset of raw,inproc,http,slow,rewrap (default all).
+ * FILE defaults to $P11KMS_BENCH_OUT, else bench-results.json.  Progress
+ * goes to stderr, the table to stdout.  Every service figure is also given
+ * as a ratio to the raw token primitive measured in the same run, because
+ * absolute numbers drift between machines; the issue's targets are shown
+ * beside them.  Nothing here asserts: the exit status is non-zero only
+ * when a section could not run.
+ */
+#include <getopt.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/utsname.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "bench.h"
+#include "testtoken.h"
+
+#ifndef KMSD_PATH
+#define KMSD_PATH "kmsd"
+#endif
+#ifndef P11SHIM_PATH
+#define P11SHIM_PATH "libp11shim.so"
+#endif
+
+double bench_now(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+void bench_set(json_t *out, const char *name, double v)
+{
+    json_object_set_new(out, name, json_real(round(v * 100.0) / 100.0));
+}
+
+static int cmp_float(const void *a, const void *b)
+{
+    float x = *(const float *)a, y = *(const float *)b;
+    return (x > y) - (x < y);
+}
+
+double bench_quantile(float *v, size_t n, double q)
+{
+    size_t i;
+
+    if (n == 0)
+        return 0.0;
+    qsort(v, n, sizeof(*v), cmp_float);
+    i = (size_t)ceil(q * (double)n);
+    if (i > 0)
+        i--;
+    if (i >= n)
+        i = n - 1;
+    return v[i];
+}
+
+/* ---- the table -------------------------------------------------------------------- */
+
+typedef struct row {
+    const char *field;
+    const char *unit;
+    const char *raw;    /* the raw primitive it is compared to, or NULL */
+    const char *ratio;  /* name of the ratio field */
+    const char *target; /* text */
+    int cmp;            /* +1: value (or ratio) >= limit, -1: <=, 0: none */
+    double limit;
+    int on_ratio; /* the target applies to the ratio */
+} row;
+
+static const row rows[] = {
+    {"raw_generate_ops_s", "ops/s", NULL, NULL, "", 0, 0, 0},
+    {"raw_decrypt_ops_s", "ops/s", NULL, NULL, "", 0, 0, 0},
+    {"raw_rewrap_ops_s", "ops/s", NULL, NULL, "", 0, 0, 0},
+    {"inproc_datakey_ops_s", "ops/s", "raw_generate_ops_s", "inproc_datakey_vs_raw_generate", "", 0,
+     0, 1},
+    {"inproc_decrypt_ops_s", "ops/s", "raw_decrypt_ops_s", "inproc_decrypt_vs_raw_decrypt", "", 0,
+     0, 1},
+    {"http_datakey_ops_s", "ops/s", "raw_generate_ops_s", "http_datakey_vs_raw_generate",
+     ">= 0.5 x raw", 1, 0.5, 1},
+    {"http_decrypt_ops_s", "ops/s", "raw_decrypt_ops_s", "http_decrypt_vs_raw_decrypt",
+     ">= 0.5 x raw", 1, 0.5, 1},
+    {"http_datakey_p50_ms", "ms", NULL, NULL, "", 0, 0, 0},
+    {"http_datakey_p99_ms", "ms", NULL, NULL, "<= 5 ms", -1, 5, 0},
+    {"kmsd_rss_mib_peak", "MiB", NULL, NULL, "<= 64 MiB", -1, 64, 0},
+    {"slow_token_scaling", "x", NULL, NULL, ">= 10", 1, 10, 0},
+    {"rewrap_deks_s", "DEKs/s", "raw_rewrap_ops_s", "rewrap_vs_raw_rewrap", ">= 0.5 x raw", 1, 0.5,
+     1},
+};
+
+static int num(json_t *root, const char *field, double *v)
+{
+    json_t *j = json_object_get(root, field);
+
+    if (!json_is_number(j))
+        return 0;
+    *v = json_number_value(j);
+    return 1;
+}
+
+/* Compute the ratios and targets into root, and print the table. */
+static void finish(json_t *root)
+{
+    json_t *ratios = json_object(), *targets = json_object();
+
+    printf("\n%-22s %12s %-7s %-20s %7s  %-14s %s\n", "figure", "value", "unit", "relative to",
+           "ratio", "target", "met");
+    printf("%.*s\n", 100,
+           "-------------------------------------------------------------------------------------"
+           "---------------");
+    for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
+        const row *r = &rows[i];
+        double v = 0, raw = 0, ratio = 0, subject;
+        int have = num(root, r->field, &v);
+        int have_ratio = have && r->raw != NULL && num(root, r->raw, &raw) && raw > 0;
+        char value[32], ratio_s[16];
+        const char *met = "";
+
+        if (have_ratio) {
+            ratio = v / raw;
+            json_object_set_new(ratios, r->ratio, json_real(round(ratio * 1000.0) / 1000.0));
+        } else if (r->ratio != NULL) {
+            json_object_set_new(ratios, r->ratio, json_null());
+        }
+        if (r->cmp != 0) {
+            json_t *t = json_object();
+            int ok = 0, known = r->on_ratio ? have_ratio : have;
+            subject = r->on_ratio ? ratio : v;
+            if (known)
+                ok = r->cmp > 0 ? subject >= r->limit : subject <= r->limit;
+            json_object_set_new(t, "target", json_string(r->target));
+            json_object_set_new(t, "met", known ? json_boolean(ok) : json_null());
+            json_object_set_new(targets, r->field, t);
+            met = known ? (ok ? "yes" : "NO") : "n/a";
+        }
+        if (have)
+            snprintf(value, sizeof(value), v >= 100 ? "%.0f" : "%.2f", v);
+        else
+            snprintf(value, sizeof(value), "null");
+        if (have_ratio)
+            snprintf(ratio_s, sizeof(ratio_s), "%.3f", ratio);
+        else
+            snprintf(ratio_s, sizeof(ratio_s), "%s", r->raw != NULL ? "-" : "");
+        printf("%-22s %12s %-7s %-20s %7s  %-14s %s\n", r->field, value, r->unit,
+               r->raw != NULL ? r->raw : "", ratio_s, r->target, met);
+    }
+    {
+        json_t *note = json_object_get(json_object_get(root, "notes"), "rewrap_deks_s");
+        if (json_is_string(note))
+            printf("\nrewrap_deks_s: %s\n", json_string_value(note));
+    }
+    json_object_set_new(root, "ratios", ratios);
+    json_object_set_new(root, "targets", targets);
+}
+
+/* ---- main ------------------------------------------------------------------------ */
+
+static int wanted(const char *only, const char *section)
+{
+    size_t len = strlen(section);
+
+    if (only == NULL)
+        return 1;
+    for (const char *p = only; (p = strstr(p, section)) != NULL; p += len)
+        if ((p == only || p[-1] == ',') && (p[len] == '\0' || p[len] == ','))
+            return 1;
+    return 0;
+}
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: p11kms_bench [--seconds S] [--clients N] [--out FILE] [--only "
+               "raw,inproc,http,slow,rewrap]\n"
+               "                    [--kmsd PATH] [--shim PATH] [--softhsm PATH] "
+               "[--slow-delay-us US]\n");
+}
+
+int main(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"seconds", required_argument, NULL, 's'}, {"clients", required_argument, NULL, 'c'},
+        {"out", required_argument, NULL, 'o'},     {"only", required_argument, NULL, 'O'},
+        {"kmsd", required_argument, NULL, 'k'},    {"shim", required_argument, NULL, 'S'},
+        {"softhsm", required_argument, NULL, 'm'}, {"slow-delay-us", required_argument, NULL, 'd'},
+        {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0},
+    };
+    bench_opts o = {3.0, 32, KMSD_PATH, P11SHIM_PATH, NULL, NULL, NULL, 2000, NULL};
+    const char *out_path = getenv("P11KMS_BENCH_OUT");
+    const char *only = NULL;
+    json_t *root = json_object(), *notes = json_object(), *machine = json_object();
+    tt_token tt;
+    char tmpdir[256] = "";
+    int have_token = 0, failed = 0, opt;
+    struct utsname un;
+    time_t now = time(NULL);
+    char date[32];
+    double t_start = bench_now();
+
+    if (out_path == NULL || *out_path == '\0')
+        out_path = "bench-results.json";
+    o.softhsm = tt_softhsm_module();
+    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        switch (opt) {
+        case 's': o.seconds = atof(optarg); break;
+        case 'c': o.clients = atoi(optarg); break;
+        case 'o': out_path = optarg; break;
+        case 'O': only = optarg; break;
+        case 'k': o.kmsd = optarg; break;
+        case 'S': o.shim = optarg; break;
+        case 'm': o.softhsm = optarg; break;
+        case 'd': o.slow_delay_us = atoi(optarg); break;
+        case 'h': usage(stdout); return 0;
+        default: usage(stderr); return 2;
+        }
+    }
+    if (o.seconds <= 0 || o.seconds > 120 || o.clients < 1 || o.clients > 256) {
+        fprintf(stderr, "p11kms_bench: --seconds must be in (0, 120], --clients in [1, 256]\n");
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+
+    if (wanted(only, "raw") || wanted(only, "inproc") || wanted(only, "rewrap")) {
+        if (tt_token_new("p11kms-bench", &tt) != 0 || tt_tempdir(tmpdir, sizeof(tmpdir)) != 0) {
+            fprintf(stderr, "p11kms_bench: cannot make a token\n");
+            return 1;
+        }
+        have_token = 1;
+        o.uri = tt.uri;
+        o.tmpdir = tmpdir;
+    }
+    if (wanted(only, "raw") && bench_raw(&o, root) != 0)
+        failed++;
+    if (wanted(only, "inproc") && bench_inproc(&o, root) != 0)
+        failed++;
+    if (wanted(only, "http") && bench_http(&o, root) != 0)
+        failed++;
+    if (wanted(only, "slow") && bench_slow(&o, root) != 0)
+        failed++;
+    /* Stored rewrap (issue 3): 100 000 DEKs, one kms_key_rewrap (rewrap.c). */
+    if (wanted(only, "rewrap") && bench_rewrap(&o, root) != 0)
+        failed++;
+    if (have_token) {
+        tt_token_remove(&tt);
+        tt_rmtree(tmpdir);
+    }
+
+    json_object_set_new(notes, "rewrap_deks_s",
+                        json_string("100 000 DEKs issued in-process, key rotated, one "
+                                    "kms_key_rewrap of the whole key (256 per commit)"));
+    json_object_set_new(root, "notes", notes);
+
+    strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
+    json_object_set_new(machine, "date", json_string(date));
+    json_object_set_new(machine, "cpus", json_integer(sysconf(_SC_NPROCESSORS_ONLN)));
+    if (uname(&un) == 0)
+        json_object_set_new(machine, "kernel", json_string(un.release));
+    json_object_set_new(machine, "module", json_string(o.softhsm));
+    json_object_set_new(machine, "seconds_per_run", json_real(o.seconds));
+    json_object_set_new(machine, "clients", json_integer(o.clients));
+    json_object_set_new(machine, "slow_delay_us", json_integer(o.slow_delay_us));
+    json_object_set_new(root, "machine", machine);
+
+    finish(root);
+    json_object_set_new(root, "duration_s", json_real(round(bench_now() - t_start)));
+    if (json_dump_file(root, out_path, JSON_INDENT(2) | JSON_SORT_KEYS) != 0) {
+        fprintf(stderr, "p11kms_bench: cannot write %s\n", out_path);
+        failed++;
+    } else {
+        printf("\nwrote %s (%.0f s)\n", out_path, bench_now() - t_start);
+    }
+    json_decref(root);
+    return failed ? 1 : 0;
+}

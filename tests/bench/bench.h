@@ -1,0 +1,46 @@
+/*
+ * tests/bench/bench.h - the p11kms benchmark suite (p11kms_bench), shared
+ * declarations.
+ *
+ * One program measures, in one run on one machine: the raw token
+ * primitives (raw.c), the core library with the durable SQLite store
+ * (inproc.c), and kmsd over its Unix socket, on SoftHSM2 directly and
+ * through the delay shim (http.c).  bench.c runs the sections, prints the
+ * table and writes the JSON.  Each section writes its figures into a
+ * jansson object; a figure it could not measure is absent (or null).
+ * Every run is bounded in time (--seconds per figure) and request count.
+ */
+#ifndef P11KMS_TESTS_BENCH_H
+#define P11KMS_TESTS_BENCH_H
+
+#include <jansson.h>
+
+typedef struct bench_opts {
+    double seconds;      /* length of one measured run */
+    int clients;         /* concurrent HTTP clients (32) */
+    const char *kmsd;    /* path of the kmsd binary */
+    const char *shim;    /* path of libp11shim.so */
+    const char *softhsm; /* path of libsofthsm2.so */
+    const char *uri;     /* the in-process token (raw and inproc share it) */
+    const char *tmpdir;  /* scratch directory for the in-process store */
+    int slow_delay_us;   /* shim delay for slow_token_scaling (2000) */
+    const char *profile; /* NULL, or a directory for per-call statistics */
+} bench_opts;
+
+/* Monotonic seconds. */
+double bench_now(void);
+
+/* Sections: 0 on success (figures set in out), -1 with a message. */
+int bench_raw(const bench_opts *o, json_t *out);
+int bench_inproc(const bench_opts *o, json_t *out);
+int bench_http(const bench_opts *o, json_t *out);
+int bench_slow(const bench_opts *o, json_t *out);
+int bench_rewrap(const bench_opts *o, json_t *out); /* rewrap_deks_s (rewrap.c) */
+
+/* out[name] = v rounded to 2 decimals. */
+void bench_set(json_t *out, const char *name, double v);
+
+/* The value at quantile q (0..1) of n samples (sorted in place). */
+double bench_quantile(float *v, size_t n, double q);
+
+#endif
