@@ -90,6 +90,18 @@ if ! softhsm2-util --show-slots 2>/dev/null | grep -q "Label:.*p11kms-dev"; then
     --pin "$(cat "$STATE/pin")" --so-pin "$(cat "$STATE/so-pin")" >/dev/null
 fi
 
+# The policy grants the invoking user (and the sudo caller) everything;
+# rewritten on every run (edit it, then `kill -HUP $(cat kmsd.pid)`, or
+# keep your own by pointing [policy] file elsewhere).
+{
+  echo "# Written by scripts/up.sh: the invoking user may do everything (docs/operations.md)."
+  echo "allow uid:$(id -u) generate,decrypt,admin on *"
+  if [[ -n "${SUDO_UID:-}" && "${SUDO_UID}" != "$(id -u)" ]]; then
+    echo "allow uid:$SUDO_UID generate,decrypt,admin on *"
+  fi
+} >"$STATE/policy.conf"
+chmod 644 "$STATE/policy.conf"
+
 # kmsd.conf is derived from the state dir: rewritten on every run.
 cat >"$STATE/kmsd.conf" <<CONF
 ; Written by scripts/up.sh for the development service in $STATE.
@@ -106,6 +118,9 @@ path     = $STATE/kms.db
 
 [listen]
 unix     = $SOCK
+
+[policy]
+file     = $STATE/policy.conf
 CONF
 
 stop_running
