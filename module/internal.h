@@ -13,16 +13,22 @@
  *                  a session is in use.  Fields marked [W] change only
  *                  under the write lock.
  *   ctx->pool_mu   the idle-session stack and counters [P] (+ pool_cv).
+ *   ctx->copy_mu   the session owning the KEK copies [K]; held across
+ *                  C_OpenSession/C_CopyObject/C_CloseSession of that
+ *                  session only, and taken before cache_mu when both are.
  *   ctx->cache_mu  the KEK handle cache [C].
  * pool_mu and cache_mu are never held together, nor across a C_* call
  * (except by p11_pool_drain, which runs under the write lock, when no
- * other thread can be waiting for pool_mu).
+ * other thread can be waiting for pool_mu).  pool_mu is never taken
+ * under copy_mu.
  */
 #ifndef P11KMS_MODULE_INTERNAL_H
 #define P11KMS_MODULE_INTERNAL_H
 
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stddef.h>
+#include <time.h>
 
 #include <p11-kit/uri.h>
 
@@ -49,15 +55,59 @@
 #define CKR_PARAMETER_SET_NOT_SUPPORTED (0x209UL)
 #endif
 
-/* One cached KEK handle: CKA_ID -> object handle (chained hash table). */
+/* The session-object copy of a KEK (kek.c): not tried yet, made, or
+ * refused by the token (the KEK is not CKA_COPYABLE: use the token object). */
+enum p11_copy_state { P11_COPY_NONE, P11_COPY_HAVE, P11_COPY_REFUSED };
+
+/* How long a copy is used before the token object behind it is checked
+ * again (a KEK destroyed by another node stops wrapping here within it). */
+#define P11_COPY_RECHECK_MS 1000
+
+/* One cached KEK handle: CKA_ID -> object handle (chained hash table),
+ * plus the handle of its session-object copy when there is one. */
 typedef struct p11_kek_entry {
     struct p11_kek_entry *next;
     unsigned char id[P11_KEK_ID_LEN];
     CK_OBJECT_HANDLE handle;
+    CK_OBJECT_HANDLE copy;    /* valid when copy_state == P11_COPY_HAVE */
+    int copy_state;           /* enum p11_copy_state */
+    uint64_t copy_checked_ms; /* CLOCK_MONOTONIC ms of the last token check */
 } p11_kek_entry;
+
+/* ---- call statistics (stats.c) ---------------------------------------- */
+
+/* A C_* function's slot: its position in CK_FUNCTION_LIST. */
+#define P11_FN_INDEX(fn)                                                                           \
+    ((offsetof(CK_FUNCTION_LIST, fn) - offsetof(CK_FUNCTION_LIST, C_Initialize)) / sizeof(void *))
+#define P11_FN_SLOTS 72 /* > the 68 functions of PKCS#11 2.40 */
+
+/* Relaxed atomic counters, written by every call, read by p11_stats_get. */
+typedef struct p11_call_stats {
+    _Atomic uint64_t calls[P11_FN_SLOTS];
+    _Atomic uint64_t sum_ns[P11_FN_SLOTS];
+    _Atomic uint64_t bucket[P11_FN_SLOTS][P11_STATS_BUCKETS]; /* not cumulative */
+    _Atomic CK_RV err_rv[P11_STATS_MAX_ERRORS];               /* CKR_OK: free slot */
+    _Atomic uint64_t err_count[P11_STATS_MAX_ERRORS];
+    _Atomic uint64_t err_other; /* errors of a CK_RV that found no slot */
+} p11_call_stats;
+
+/* Count one call of the function in slot fn_index, begun at p11_call_t0. */
+void p11_stats_count(p11_ctx *ctx, size_t fn_index, CK_RV rv);
+
+/* When the current thread's C_* call began (set by P11_CALL). */
+extern _Thread_local uint64_t p11_call_t0;
+
+static inline uint64_t p11_now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
 
 struct p11_ctx {
     CK_FUNCTION_LIST *fl; /* managed by p11-kit; stable across re-init */
+    p11_call_stats stats; /* lock-free; see stats.c */
     char *module;         /* as configured (path or p11-kit name) */
     P11KitUri *uri;       /* parsed token URI */
     char *pin;            /* mlocked copy (p11_secret_alloc) */
@@ -78,22 +128,32 @@ struct p11_ctx {
     unsigned long pool_gen;  /* [P] bumped when every session is suspect */
 
     pthread_mutex_t cache_mu;
-    p11_kek_entry **buckets; /* [C] */
-    size_t n_buckets;        /* [C] power of two */
-    size_t n_entries;        /* [C] */
-    unsigned long cache_gen; /* [C] bumped by every flush */
+    p11_kek_entry **buckets;         /* [C] */
+    size_t n_buckets;                /* [C] power of two */
+    size_t n_entries;                /* [C] */
+    unsigned long cache_gen;         /* [C] bumped by every flush */
+    _Atomic unsigned long flush_gen; /* bumped by every whole flush only */
+
+    /* The session that owns the KEK copies (kek.c): never pooled, opened
+     * on the first copy, closed (destroying every copy) by a flush. */
+    pthread_mutex_t copy_mu;
+    CK_SESSION_HANDLE copy_session; /* [K] CK_INVALID_HANDLE when closed */
 };
 
 /* ---- the one wrapper every C_* call goes through ---------------------- */
 
-/* Logs a failure (error level, or debug level when quiet) with the CKR_*
- * name, the C_* function, file, line and caller; returns rv. */
-CK_RV p11_call_check(CK_RV rv, int quiet, const char *fn, const char *file, int line,
-                     const char *func);
+/* Counts the call (latency since p11_call_t0, CK_RV) in ctx->stats, logs
+ * a failure (error level, or debug level when quiet) with the CKR_* name,
+ * the C_* function, file, line and caller; returns rv. */
+CK_RV p11_call_check(p11_ctx *ctx, size_t fn_index, CK_RV rv, int quiet, const char *fn,
+                     const char *file, int line, const char *func);
 
+/* The comma operator sequences the start time before the call. */
 #define P11_CALL_(quiet, ctx, fn, ...)                                                             \
-    p11_call_check((ctx)->fl->fn == NULL ? CKR_FUNCTION_NOT_SUPPORTED                              \
-                                         : (ctx)->fl->fn(__VA_ARGS__),                             \
+    p11_call_check((ctx), P11_FN_INDEX(fn),                                                        \
+                   (p11_call_t0 = p11_now_ns(), (ctx)->fl->fn == NULL                              \
+                                                    ? CKR_FUNCTION_NOT_SUPPORTED                   \
+                                                    : (ctx)->fl->fn(__VA_ARGS__)),                 \
                    (quiet), #fn, __FILE__, __LINE__, __func__)
 /* P11_CALL(ctx, C_Encrypt, session, ...) */
 #define P11_CALL(ctx, fn, ...) P11_CALL_(0, ctx, fn, __VA_ARGS__)
@@ -137,11 +197,24 @@ void p11_pool_teardown(p11_ctx *ctx);
 
 CK_RV p11_cache_setup(p11_ctx *ctx);
 void p11_cache_teardown(p11_ctx *ctx);
+/* Drop every cached handle and close the copy session (destroying every
+ * KEK copy). */
 void p11_cache_flush(p11_ctx *ctx);
-/* The KEK handle for id: from the cache, else C_FindObjects (then cached).
- * Sets P11_OP_CACHED in *flags when cached.  CKR_KEY_HANDLE_INVALID when there is none. */
+/* The same, unless a whole flush already happened since flush_gen was
+ * seen (the stale handle that asked for it is gone then). */
+void p11_cache_flush_since(p11_ctx *ctx, unsigned long seen);
+/* The token object's handle for id: from the cache, else C_FindObjects
+ * (then cached).  Sets P11_OP_CACHED in *flags when cached.
+ * CKR_KEY_HANDLE_INVALID when there is none. */
 CK_RV p11_kek_handle(p11_ctx *ctx, CK_SESSION_HANDLE s, const unsigned char *id,
                      CK_OBJECT_HANDLE *h, int *flags);
+/* The handle to encrypt/decrypt with under KEK id: its session-object copy
+ * (made on first use with C_CopyObject, CKA_TOKEN false), or the token
+ * object when the token refuses the copy.  Sets P11_OP_CACHED whenever a
+ * copy is returned (a copy is a cached derivative: a failure with it is a
+ * stale cache, worth one retry). */
+CK_RV p11_kek_use_handle(p11_ctx *ctx, CK_SESSION_HANDLE s, const unsigned char *id,
+                         CK_OBJECT_HANDLE *h, int *flags);
 
 /* ---- pin.c: secret memory --------------------------------------------- */
 

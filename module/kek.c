@@ -1,7 +1,21 @@
 /*
- * module/kek.c - the KEK objects: create, destroy, exists, list, and the
+ * module/kek.c - the KEK objects: create, destroy, exists, list, the
  * handle cache that maps a CKA_ID to its object handle so that a wrap
- * never searches the token after the first use of a KEK.
+ * never searches the token after the first use of a KEK, and the
+ * session-object copies of the KEKs that wrap and unwrap use.
+ *
+ * Copies: on the first wrap or unwrap under a KEK, C_CopyObject makes a
+ * session object of it (CKA_TOKEN false; sensitive, non-extractable and
+ * limited to AES-GCM like the original, which PKCS#11 does not let a copy
+ * relax) in one dedicated session that is never pooled, so the copy lives
+ * until we drop it.  SoftHSM2 re-reads a token object's file on every use
+ * and not a session object's, which makes a wrap about twice as fast.  A
+ * KEK created with CKA_COPYABLE false (before copies existed) is used
+ * through its token object.  Copies are dropped by closing their session:
+ * on every flush of the cache (recovery, stale handle, re-login), when the
+ * KEK is destroyed (p11_kek_destroy destroys the copy first), and when a
+ * check of the token object, at most P11_COPY_RECHECK_MS after the last
+ * one, finds it gone (destroyed by another node).
  *
  * The cache is a chained hash table keyed by the 16-byte CKA_ID (random,
  * so a few of its bytes mixed make a good hash).  It is dropped whole on
@@ -10,10 +24,13 @@
  * inserts only if no flush happened meanwhile.
  *
  * Locking: ctx->cache_mu guards the table and is never held across a C_*
- * call.  The operations run under p11_run (read lock, pooled session).
+ * call.  ctx->copy_mu guards the copy session and is held across the calls
+ * on it (open, copy, close), taken before cache_mu.  The operations run
+ * under p11_run (read lock, pooled session).
  */
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include <openssl/crypto.h>
 
@@ -44,7 +61,15 @@ CK_RV p11_cache_setup(p11_ctx *ctx)
     if (ctx->buckets == NULL)
         goto out;
     ctx->n_buckets = CACHE_INITIAL_BUCKETS;
+    ctx->copy_session = CK_INVALID_HANDLE;
+    atomic_init(&ctx->flush_gen, 0);
     if (pthread_mutex_init(&ctx->cache_mu, NULL) != 0) {
+        free(ctx->buckets);
+        ctx->buckets = NULL;
+        goto out;
+    }
+    if (pthread_mutex_init(&ctx->copy_mu, NULL) != 0) {
+        pthread_mutex_destroy(&ctx->cache_mu);
         free(ctx->buckets);
         ctx->buckets = NULL;
         goto out;
@@ -74,14 +99,34 @@ void p11_cache_teardown(p11_ctx *ctx)
     free(ctx->buckets);
     ctx->buckets = NULL;
     pthread_mutex_destroy(&ctx->cache_mu);
+    pthread_mutex_destroy(&ctx->copy_mu);
+}
+
+/* Caller holds copy_mu.  Closing the session destroys every copy in it. */
+static void close_copy_session(p11_ctx *ctx)
+{
+    if (ctx->copy_session == CK_INVALID_HANDLE)
+        return;
+    (void)P11_CALL_QUIET(ctx, C_CloseSession, ctx->copy_session);
+    ctx->copy_session = CK_INVALID_HANDLE;
 }
 
 void p11_cache_flush(p11_ctx *ctx)
 {
+    pthread_mutex_lock(&ctx->copy_mu);
+    close_copy_session(ctx);
     pthread_mutex_lock(&ctx->cache_mu);
     free_entries(ctx);
     ctx->cache_gen++;
+    atomic_fetch_add(&ctx->flush_gen, 1);
     pthread_mutex_unlock(&ctx->cache_mu);
+    pthread_mutex_unlock(&ctx->copy_mu);
+}
+
+void p11_cache_flush_since(p11_ctx *ctx, unsigned long seen)
+{
+    if (atomic_load(&ctx->flush_gen) == seen)
+        p11_cache_flush(ctx);
 }
 
 /* Caller holds cache_mu. */
@@ -151,12 +196,38 @@ static void cache_put(p11_ctx *ctx, const unsigned char *id, CK_OBJECT_HANDLE h,
         goto out;
     memcpy(e->id, id, P11_KEK_ID_LEN);
     e->handle = h;
+    e->copy = CK_INVALID_HANDLE;
+    e->copy_state = P11_COPY_NONE;
+    e->copy_checked_ms = 0;
     e->next = NULL;
     *pp = e;
     if (++ctx->n_entries > ctx->n_buckets)
         cache_grow(ctx);
 out:
     pthread_mutex_unlock(&ctx->cache_mu);
+}
+
+/* Record the copy of id (or that the token refused one) unless the cache
+ * was flushed since gen was read or the entry is gone. */
+static int cache_set_copy(p11_ctx *ctx, const unsigned char *id, int state, CK_OBJECT_HANDLE copy,
+                          uint64_t now, unsigned long gen)
+{
+    p11_kek_entry *e;
+    int done = 0;
+
+    pthread_mutex_lock(&ctx->cache_mu);
+    if (gen != ctx->cache_gen)
+        goto out;
+    e = *cache_slot(ctx, id);
+    if (e == NULL)
+        goto out;
+    e->copy_state = state;
+    e->copy = copy;
+    e->copy_checked_ms = now;
+    done = 1;
+out:
+    pthread_mutex_unlock(&ctx->cache_mu);
+    return done;
 }
 
 static void cache_del(p11_ctx *ctx, const unsigned char *id)
@@ -183,14 +254,16 @@ static CK_RV find_kek(p11_ctx *ctx, CK_SESSION_HANDLE s, const unsigned char *id
 {
     CK_RV rv, rv2;
     CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    CK_BBOOL yes = CK_TRUE; /* the token object, never a copy */
     CK_ATTRIBUTE tmpl[] = {
         {CKA_CLASS, &cls, sizeof(cls)},
         {CKA_ID, (void *)id, P11_KEK_ID_LEN},
+        {CKA_TOKEN, &yes, sizeof(yes)},
     };
     CK_OBJECT_HANDLE found[2];
     CK_ULONG n = 0;
 
-    rv = P11_CALL(ctx, C_FindObjectsInit, s, tmpl, 2);
+    rv = P11_CALL(ctx, C_FindObjectsInit, s, tmpl, 3);
     if (rv != CKR_OK)
         goto out;
     rv = P11_CALL(ctx, C_FindObjects, s, found, 2, &n);
@@ -229,6 +302,205 @@ out:
     return rv;
 }
 
+/* ---- the session-object copies ------------------------------------------ */
+
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+}
+
+/* A snapshot of one cache entry. */
+struct kek_view {
+    int found;
+    CK_OBJECT_HANDLE handle, copy;
+    int copy_state;
+    uint64_t checked_ms;
+    unsigned long gen;
+};
+
+static void cache_view(p11_ctx *ctx, const unsigned char *id, struct kek_view *v)
+{
+    p11_kek_entry *e;
+
+    pthread_mutex_lock(&ctx->cache_mu);
+    e = *cache_slot(ctx, id);
+    v->found = e != NULL;
+    if (e != NULL) {
+        v->handle = e->handle;
+        v->copy = e->copy;
+        v->copy_state = e->copy_state;
+        v->checked_ms = e->copy_checked_ms;
+    }
+    v->gen = ctx->cache_gen;
+    pthread_mutex_unlock(&ctx->cache_mu);
+}
+
+/* Copy the token object h of KEK id into the copy session.  CKR_OK with
+ * *copy set, else the reason (the caller then uses the token object).
+ * Takes copy_mu. */
+static CK_RV make_copy(p11_ctx *ctx, const unsigned char *id, CK_OBJECT_HANDLE h,
+                       CK_OBJECT_HANDLE *copy)
+{
+    CK_RV rv;
+    CK_BBOOL no = CK_FALSE;
+    /* CKA_MODIFIABLE last: the attributes after it would be refused.
+     * (SoftHSM2 refuses CKA_COPYABLE false here; a copy of the copy would
+     * be as locked down anyway.) */
+    CK_ATTRIBUTE tmpl[] = {
+        {CKA_TOKEN, &no, sizeof(no)},
+        {CKA_MODIFIABLE, &no, sizeof(no)},
+    };
+    CK_OBJECT_HANDLE c = CK_INVALID_HANDLE;
+    struct kek_view v;
+
+    pthread_mutex_lock(&ctx->copy_mu);
+    cache_view(ctx, id, &v); /* another thread may have made it meanwhile */
+    if (v.found && v.copy_state == P11_COPY_HAVE) {
+        *copy = v.copy;
+        rv = CKR_OK;
+        goto out;
+    }
+    if (!v.found || v.copy_state == P11_COPY_REFUSED) {
+        rv = CKR_ACTION_PROHIBITED;
+        goto out;
+    }
+    if (ctx->copy_session == CK_INVALID_HANDLE) {
+        /* Logged in already: login state is per application. */
+        rv = P11_CALL(ctx, C_OpenSession, atomic_load(&ctx->slot),
+                      CKF_SERIAL_SESSION | CKF_RW_SESSION, NULL, NULL, &ctx->copy_session);
+        if (rv != CKR_OK) {
+            ctx->copy_session = CK_INVALID_HANDLE;
+            goto out;
+        }
+    }
+    rv = P11_CALL_QUIET(ctx, C_CopyObject, ctx->copy_session, h, tmpl,
+                        sizeof(tmpl) / sizeof(tmpl[0]), &c);
+    switch (rv) {
+    case CKR_OK:
+        if (!cache_set_copy(ctx, id, P11_COPY_HAVE, c, now_ms(), v.gen)) {
+            /* The entry went away (destroyed, flushed): so does the copy. */
+            (void)P11_CALL_QUIET(ctx, C_DestroyObject, ctx->copy_session, c);
+            rv = CKR_OBJECT_HANDLE_INVALID;
+            goto out;
+        }
+        *copy = c;
+        break;
+    case CKR_SESSION_HANDLE_INVALID:
+    case CKR_SESSION_CLOSED: /* closed behind our back: a new one next time */
+        ctx->copy_session = CK_INVALID_HANDLE;
+        break;
+    case CKR_OBJECT_HANDLE_INVALID:
+    case CKR_KEY_HANDLE_INVALID: /* a stale handle: the caller's use says so */
+    case CKR_HOST_MEMORY:
+    case CKR_DEVICE_MEMORY:
+    case CKR_DEVICE_ERROR:
+    case CKR_DEVICE_REMOVED:
+    case CKR_TOKEN_NOT_PRESENT: break;
+    default:
+        /* CKR_ACTION_PROHIBITED: created before KEKs were CKA_COPYABLE. */
+        LOG_INFO(P11_LOG_SUB,
+                 "KEK not copied to a session object (C_CopyObject: %s); "
+                 "using the token object",
+                 p11_rv_name(rv));
+        (void)cache_set_copy(ctx, id, P11_COPY_REFUSED, CK_INVALID_HANDLE, 0, v.gen);
+        break;
+    }
+out:
+    pthread_mutex_unlock(&ctx->copy_mu);
+    return rv;
+}
+
+CK_RV p11_kek_use_handle(p11_ctx *ctx, CK_SESSION_HANDLE s, const unsigned char *id,
+                         CK_OBJECT_HANDLE *h, int *flags)
+{
+    CK_RV rv = CKR_OK;
+    CK_OBJECT_HANDLE token, copy;
+    CK_OBJECT_CLASS cls;
+    CK_ATTRIBUTE a = {CKA_CLASS, &cls, sizeof(cls)};
+    struct kek_view v;
+    uint64_t now;
+
+    cache_view(ctx, id, &v);
+    if (v.found && v.copy_state == P11_COPY_HAVE) {
+        *flags |= P11_OP_CACHED;
+        now = now_ms();
+        if (now - v.checked_ms >= P11_COPY_RECHECK_MS) {
+            /* Is the token object still there (another node may have
+             * retired it)?  If not, the stale handle flushes the cache,
+             * every copy with it, and the retry finds no KEK. */
+            rv = P11_CALL_QUIET(ctx, C_GetAttributeValue, s, v.handle, &a, 1);
+            if (rv != CKR_OK) {
+                LOG_DEBUG(P11_LOG_SUB, "KEK token object check: %s", p11_rv_name(rv));
+                goto out;
+            }
+            (void)cache_set_copy(ctx, id, P11_COPY_HAVE, v.copy, now, v.gen);
+        }
+        *h = v.copy;
+        goto out;
+    }
+    if (v.found) {
+        *flags |= P11_OP_CACHED;
+        token = v.handle;
+    } else {
+        rv = find_kek(ctx, s, id, &token, flags);
+        if (rv != CKR_OK)
+            goto out;
+        cache_put(ctx, id, token, v.gen);
+    }
+    *h = token;
+    if (v.found && v.copy_state == P11_COPY_REFUSED)
+        goto out;
+    if (make_copy(ctx, id, token, &copy) == CKR_OK) {
+        *flags |= P11_OP_CACHED;
+        *h = copy;
+    }
+out:
+    return rv;
+}
+
+/* Destroy every session-object copy of KEK id (ours, in the copy session;
+ * the search also finds any another session of this process made). */
+static CK_RV destroy_copies(p11_ctx *ctx, CK_SESSION_HANDLE s, const unsigned char *id, int *flags)
+{
+    CK_RV rv, rv2;
+    CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
+    CK_BBOOL no = CK_FALSE;
+    CK_ATTRIBUTE tmpl[] = {
+        {CKA_CLASS, &cls, sizeof(cls)},
+        {CKA_ID, (void *)id, P11_KEK_ID_LEN},
+        {CKA_TOKEN, &no, sizeof(no)},
+    };
+    CK_OBJECT_HANDLE found[16];
+    CK_ULONG n = 0, i;
+
+    rv = P11_CALL(ctx, C_FindObjectsInit, s, tmpl, 3);
+    if (rv != CKR_OK)
+        goto out;
+    rv = P11_CALL(ctx, C_FindObjects, s, found, 16, &n);
+    rv2 = P11_CALL(ctx, C_FindObjectsFinal, s);
+    if (rv == CKR_OK)
+        rv = rv2;
+    if (rv2 != CKR_OK)
+        *flags |= P11_OP_DIRTY;
+    if (rv != CKR_OK)
+        goto out;
+    for (i = 0; i < n; i++) {
+        rv2 = P11_CALL(ctx, C_DestroyObject, s, found[i]);
+        if (rv2 != CKR_OK && rv2 != CKR_OBJECT_HANDLE_INVALID)
+            rv = rv2;
+    }
+out:
+    if (rv != CKR_OK) {
+        /* Could not find them all: closing their session destroys them. */
+        LOG_WARN(P11_LOG_SUB, "dropping every KEK copy (%s)", p11_rv_name(rv));
+        close_copy_session(ctx);
+    }
+    return rv;
+}
+
 /* ---- create ------------------------------------------------------------- */
 
 struct create_arg {
@@ -263,8 +535,17 @@ static CK_RV op_create(p11_ctx *ctx, CK_SESSION_HANDLE s, void *argp, int *flags
         {CKA_WRAP, &no, sizeof(no)},
         {CKA_UNWRAP, &no, sizeof(no)},
         {CKA_DERIVE, &no, sizeof(no)},
-        {CKA_MODIFIABLE, &no, sizeof(no)}, /* C_DestroyObject still works */
-        {CKA_COPYABLE, &no, sizeof(no)},
+        /* Copyable, for the session-object copy (CKA_TOKEN false), which
+         * keeps the sensitivity, non-extractability and mechanism list.
+         * Modifiable too, because SoftHSM2 (like PKCS#11 3.0 tokens that
+         * follow footnote 17 strictly) refuses any template attribute,
+         * CKA_TOKEN included, when copying a non-modifiable object.  What
+         * that leaves changeable is harmless: CKA_SENSITIVE only to true,
+         * CKA_EXTRACTABLE only to false, CKA_ALLOWED_MECHANISMS never
+         * (docs/wrapping.md).  The copy itself is made non-modifiable and
+         * non-copyable. */
+        {CKA_MODIFIABLE, &yes, sizeof(yes)},
+        {CKA_COPYABLE, &yes, sizeof(yes)},
         {CKA_ALLOWED_MECHANISMS, allowed, sizeof(allowed)},
         {CKA_ID, arg->id, P11_KEK_ID_LEN},
         {CKA_LABEL, (void *)arg->label, strlen(arg->label)},
@@ -306,14 +587,20 @@ static CK_RV op_destroy(p11_ctx *ctx, CK_SESSION_HANDLE s, void *arg, int *flags
     CK_RV rv;
     CK_OBJECT_HANDLE h;
 
+    /* No copy is made while the KEK and its copies go. */
+    pthread_mutex_lock(&ctx->copy_mu);
     rv = p11_kek_handle(ctx, s, id, &h, flags);
+    if (rv == CKR_KEY_HANDLE_INVALID)
+        (void)destroy_copies(ctx, s, id, flags);
     if (rv != CKR_OK)
         goto out;
     rv = P11_CALL(ctx, C_DestroyObject, s, h);
     if (rv != CKR_OK)
         goto out;
+    (void)destroy_copies(ctx, s, id, flags);
     cache_del(ctx, id);
 out:
+    pthread_mutex_unlock(&ctx->copy_mu);
     return rv;
 }
 
@@ -336,10 +623,14 @@ static CK_RV op_exists(p11_ctx *ctx, CK_SESSION_HANDLE s, void *arg, int *flags)
 
     (void)cache_get(ctx, id, &unused, &gen);
     rv = find_kek(ctx, s, id, &h, flags);
-    if (rv == CKR_OK)
+    if (rv == CKR_OK) {
         cache_put(ctx, id, h, gen);
-    else if (rv == CKR_KEY_HANDLE_INVALID)
+    } else if (rv == CKR_KEY_HANDLE_INVALID) {
+        pthread_mutex_lock(&ctx->copy_mu);
+        (void)destroy_copies(ctx, s, id, flags);
         cache_del(ctx, id);
+        pthread_mutex_unlock(&ctx->copy_mu);
+    }
     return rv;
 }
 
@@ -380,7 +671,8 @@ static CK_RV op_list(p11_ctx *ctx, CK_SESSION_HANDLE s, void *argp, int *flags)
     struct list_arg *arg = argp;
     CK_RV rv, rv2;
     CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
-    CK_ATTRIBUTE tmpl[] = {{CKA_CLASS, &cls, sizeof(cls)}};
+    CK_BBOOL yes = CK_TRUE; /* token objects: not the session copies */
+    CK_ATTRIBUTE tmpl[] = {{CKA_CLASS, &cls, sizeof(cls)}, {CKA_TOKEN, &yes, sizeof(yes)}};
     CK_OBJECT_HANDLE *hs = NULL;
     size_t n_hs = 0, cap_hs = 0, i;
     CK_ULONG got;
@@ -388,7 +680,7 @@ static CK_RV op_list(p11_ctx *ctx, CK_SESSION_HANDLE s, void *argp, int *flags)
     int searching = 0;
 
     arg->count = 0; /* a retry starts over */
-    rv = P11_CALL(ctx, C_FindObjectsInit, s, tmpl, 1);
+    rv = P11_CALL(ctx, C_FindObjectsInit, s, tmpl, 2);
     if (rv != CKR_OK)
         goto out;
     searching = 1;

@@ -242,6 +242,7 @@ void p11_close(p11_ctx *ctx)
     if (ctx == NULL)
         return;
     pthread_rwlock_wrlock(&ctx->lock);
+    p11_cache_flush(ctx); /* closes the session holding the KEK copies */
     p11_pool_drain(ctx, 1);
     p11_module_fini(ctx);
     p11_kit_module_release(ctx->fl);

@@ -72,7 +72,9 @@ CK_RV p11_random(p11_ctx *ctx, unsigned char *buf, size_t len);
 /* Generate a KEK version inside the token with C_GenerateKey: AES-256,
  * CKA_TOKEN, CKA_PRIVATE, CKA_SENSITIVE true, CKA_EXTRACTABLE false,
  * CKA_ENCRYPT and CKA_DECRYPT true, no sign/verify/wrap/unwrap/derive,
- * CKA_ALLOWED_MECHANISMS = { CKM_AES_GCM }, CKA_LABEL = label, and a
+ * CKA_ALLOWED_MECHANISMS = { CKM_AES_GCM }, CKA_COPYABLE and
+ * CKA_MODIFIABLE true (wraps and unwraps use a session-object copy made
+ * with C_CopyObject, CKA_TOKEN false: see kek.c), CKA_LABEL = label, and a
  * fresh random CKA_ID written to id. */
 CK_RV p11_kek_create(p11_ctx *ctx, const char *label,
                      unsigned char id[P11_KEK_ID_LEN]);
@@ -101,6 +103,15 @@ CK_RV p11_wrap(p11_ctx *ctx, const unsigned char kek_id[P11_KEK_ID_LEN],
                const unsigned char *pt, size_t pt_len,
                unsigned char *out, size_t *out_len);
 
+/* Draw a DEK of dek_len bytes (1 to 64) and its IV from the token RNG in
+ * one C_GenerateRandom, and wrap the DEK as p11_wrap does (one token call
+ * fewer than p11_random + p11_wrap).  dek_out receives the plaintext DEK
+ * (wiped on failure); blob_out receives IV || ciphertext || tag, *blob_len
+ * being its capacity on entry and the length written on return. */
+CK_RV p11_generate_and_wrap(p11_ctx *ctx, const unsigned char kek_id[P11_KEK_ID_LEN],
+                            const unsigned char *aad, size_t aad_len, size_t dek_len,
+                            unsigned char *dek_out, unsigned char *blob_out, size_t *blob_len);
+
 /* The inverse of p11_wrap.  A blob that fails authentication (wrong AAD,
  * altered bytes, wrong key) is CKR_ENCRYPTED_DATA_INVALID, whatever the
  * module says.  *pt_len is the capacity of pt on entry.  pt is wiped on
@@ -109,6 +120,30 @@ CK_RV p11_unwrap(p11_ctx *ctx, const unsigned char kek_id[P11_KEK_ID_LEN],
                  const unsigned char *aad, size_t aad_len,
                  const unsigned char *in, size_t in_len,
                  unsigned char *pt, size_t *pt_len);
+
+/* ---- the audit MAC key (hmac.c) ---- */
+
+#define P11_HMAC_LEN 32 /* HMAC-SHA256 */
+
+/* Generate the audit MAC key inside the token with C_GenerateKey
+ * (CKM_GENERIC_SECRET_KEY_GEN): CKK_GENERIC_SECRET, 32 bytes, CKA_TOKEN,
+ * CKA_PRIVATE, CKA_SENSITIVE true, CKA_EXTRACTABLE false, CKA_SIGN and
+ * CKA_VERIFY true and no other usage, CKA_ALLOWED_MECHANISMS =
+ * { CKM_SHA256_HMAC }, CKA_LABEL = label, and a fresh random CKA_ID
+ * (P11_KEK_ID_LEN bytes) written to id.  Its handle is cached with the
+ * KEK handles. */
+CK_RV p11_hmac_key_create(p11_ctx *ctx, const char *label, unsigned char id[P11_KEK_ID_LEN]);
+
+/* HMAC-SHA256 of data inside the token under the key with this CKA_ID.
+ * CKR_KEY_HANDLE_INVALID when there is no such key. */
+CK_RV p11_hmac_sign(p11_ctx *ctx, const unsigned char id[P11_KEK_ID_LEN],
+                    const unsigned char *data, size_t len, unsigned char mac[P11_HMAC_LEN]);
+
+/* CKR_OK when mac is the HMAC-SHA256 of data under that key (checked by
+ * the token), CKR_SIGNATURE_INVALID when it is not, another CK_RV when
+ * the token could not say. */
+CK_RV p11_hmac_verify(p11_ctx *ctx, const unsigned char id[P11_KEK_ID_LEN],
+                      const unsigned char *data, size_t len, const unsigned char mac[P11_HMAC_LEN]);
 
 /* Read the user PIN: from the environment variable P11KMS_PIN when set
  * and non-empty, else from pin_file, which must be a regular file owned
@@ -119,6 +154,39 @@ CK_RV p11_unwrap(p11_ctx *ctx, const unsigned char kek_id[P11_KEK_ID_LEN],
  * p11_pin_free, which wipes it.  P11KMS_PIN is unset after reading. */
 CK_RV p11_pin_load(const char *pin_file, char **pin);
 void p11_pin_free(char *pin);
+
+/* ---- call statistics (stats.c), for /metrics ---- */
+
+#define P11_STATS_BUCKETS    10 /* latency buckets, upper bounds in p11_stats_bounds_us */
+#define P11_STATS_MAX_ERRORS 16 /* distinct CK_RVs counted by name */
+#define P11_STATS_MAX_FNS    24 /* functions reported (those called, in list order) */
+
+/* Upper bounds (microseconds) of the latency buckets; +Inf is implied. */
+extern const uint64_t p11_stats_bounds_us[P11_STATS_BUCKETS];
+
+typedef struct p11_fn_stats {
+    const char *fn;                     /* "C_Encrypt" (static) */
+    uint64_t calls;                     /* every call, failed or not */
+    uint64_t sum_us;                    /* total latency */
+    uint64_t bucket[P11_STATS_BUCKETS]; /* calls <= bound (cumulative) */
+} p11_fn_stats;
+
+typedef struct p11_stats {
+    p11_fn_stats fns[P11_STATS_MAX_FNS];
+    size_t n_fns;
+    struct {
+        CK_RV rv;
+        uint64_t count;
+    } errors[P11_STATS_MAX_ERRORS]; /* failed calls by CK_RV */
+    size_t n_errors;
+    uint64_t errors_other; /* failures of further CK_RVs */
+} p11_stats;
+
+/* A snapshot of the C_* calls made through ctx since p11_open: count and
+ * latency histogram per function, failures by CK_RV.  The counters are
+ * relaxed atomics (no lock on the call path); a snapshot taken during
+ * calls may be off by the calls in flight. */
+void p11_stats_get(p11_ctx *ctx, p11_stats *out);
 
 /* "CKR_DEVICE_ERROR" for CKR_DEVICE_ERROR; "CKR_UNKNOWN" for a value it
  * does not know.  Never NULL. */

@@ -152,9 +152,10 @@ int p11_rv_is_token_failure(CK_RV rv)
     }
 }
 
-CK_RV p11_call_check(CK_RV rv, int quiet, const char *fn, const char *file, int line,
-                     const char *func)
+CK_RV p11_call_check(p11_ctx *ctx, size_t fn_index, CK_RV rv, int quiet, const char *fn,
+                     const char *file, int line, const char *func)
 {
+    p11_stats_count(ctx, fn_index, rv);
     if (rv == CKR_OK)
         return rv;
     if (quiet || rv == CKR_USER_ALREADY_LOGGED_IN) {

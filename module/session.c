@@ -279,12 +279,13 @@ static CK_RV attempt(p11_ctx *ctx, p11_op_fn op, void *arg, enum action *act, in
 {
     CK_RV rv;
     CK_SESSION_HANDLE s;
-    unsigned long pool_gen = 0;
+    unsigned long pool_gen = 0, flush_gen;
     int flags = 0;
 
     *ran = 0;
     pthread_rwlock_rdlock(&ctx->lock);
     *gen_seen = atomic_load(&ctx->gen);
+    flush_gen = atomic_load(&ctx->flush_gen);
     rv = acquire(ctx, &s, &pool_gen);
     if (rv != CKR_OK) {
         /* A sticky login refusal or no memory: give up.  Anything else
@@ -307,7 +308,10 @@ static CK_RV attempt(p11_ctx *ctx, p11_op_fn op, void *arg, enum action *act, in
     case ACT_OBJECT:
     case ACT_STALE:
         release(ctx, s, pool_gen, 1, 0);
-        p11_cache_flush(ctx);
+        /* Not again when another thread flushed meanwhile: its flush
+         * dropped our stale handle too (and a second one would drop the
+         * KEK copies just made again). */
+        p11_cache_flush_since(ctx, flush_gen);
         break;
     case ACT_DIRTY:
         release(ctx, s, pool_gen, 1, 0);

@@ -4,8 +4,9 @@
  *
  * A wrapped blob is IV (12 bytes, from C_GenerateRandom) || ciphertext ||
  * tag (16 bytes); the AAD is the caller's.  The hot path makes no
- * allocation and no search: the KEK handle comes from the cache in kek.c,
- * the session from the pool, the GCM parameters live on the stack.
+ * allocation and no search: the KEK handle comes from the cache in kek.c
+ * (the KEK's session-object copy when the token allows one), the session
+ * from the pool, the GCM parameters live on the stack.
  * Any authentication failure reported by C_Decrypt becomes
  * CKR_ENCRYPTED_DATA_INVALID, and the plaintext buffer is wiped.  SoftHSM2
  * 2.6.1 says CKR_GENERAL_ERROR for a bad tag, wrong AAD or wrong key
@@ -82,7 +83,7 @@ static CK_RV op_wrap(p11_ctx *ctx, CK_SESSION_HANDLE s, void *argp, int *flags)
     CK_MECHANISM mech = {CKM_AES_GCM, &params, sizeof(params)};
     CK_ULONG ct_len = arg->in_len + P11_GCM_TAG_LEN;
 
-    rv = p11_kek_handle(ctx, s, arg->kek_id, &h, flags);
+    rv = p11_kek_use_handle(ctx, s, arg->kek_id, &h, flags);
     if (rv != CKR_OK)
         goto out;
     rv = P11_CALL(ctx, C_GenerateRandom, s, arg->out, P11_GCM_IV_LEN);
@@ -128,6 +129,84 @@ out:
     return rv;
 }
 
+/* ---- generate and wrap ----------------------------------------------------- */
+
+#define GENERATE_MAX 64 /* longest DEK p11_generate_and_wrap draws */
+
+struct genwrap_arg {
+    struct gcm_arg gcm; /* in: the caller's DEK buffer (filled here) */
+    unsigned char *dek;
+    size_t dek_len;
+};
+
+/* One C_GenerateRandom for DEK and IV, then the wrap: three token calls
+ * instead of four. */
+static CK_RV op_generate_wrap(p11_ctx *ctx, CK_SESSION_HANDLE s, void *argp, int *flags)
+{
+    struct genwrap_arg *arg = argp;
+    CK_RV rv;
+    CK_OBJECT_HANDLE h;
+    CK_GCM_PARAMS params;
+    CK_MECHANISM mech = {CKM_AES_GCM, &params, sizeof(params)};
+    CK_ULONG ct_len = arg->dek_len + P11_GCM_TAG_LEN;
+    unsigned char rnd[GENERATE_MAX + P11_GCM_IV_LEN];
+
+    rv = p11_kek_use_handle(ctx, s, arg->gcm.kek_id, &h, flags);
+    if (rv != CKR_OK)
+        goto out;
+    rv = P11_CALL(ctx, C_GenerateRandom, s, rnd, arg->dek_len + P11_GCM_IV_LEN);
+    if (rv != CKR_OK)
+        goto out;
+    memcpy(arg->dek, rnd, arg->dek_len);
+    memcpy(arg->gcm.out, rnd + arg->dek_len, P11_GCM_IV_LEN);
+    gcm_params(&params, arg->gcm.out, &arg->gcm);
+    rv = P11_CALL(ctx, C_EncryptInit, s, &mech, h);
+    if (rv != CKR_OK)
+        goto out;
+    rv =
+        P11_CALL(ctx, C_Encrypt, s, arg->dek, arg->dek_len, arg->gcm.out + P11_GCM_IV_LEN, &ct_len);
+    if (rv == CKR_BUFFER_TOO_SMALL) /* the operation is still active */
+        *flags |= P11_OP_DIRTY;
+    if (rv != CKR_OK)
+        goto out;
+    arg->gcm.out_len = P11_GCM_IV_LEN + ct_len;
+out:
+    OPENSSL_cleanse(rnd, sizeof(rnd));
+    return rv;
+}
+
+CK_RV p11_generate_and_wrap(p11_ctx *ctx, const unsigned char kek_id[P11_KEK_ID_LEN],
+                            const unsigned char *aad, size_t aad_len, size_t dek_len,
+                            unsigned char *dek_out, unsigned char *blob_out, size_t *blob_len)
+{
+    CK_RV rv = CKR_ARGUMENTS_BAD;
+    struct genwrap_arg arg;
+
+    memset(&arg, 0, sizeof(arg));
+    if (ctx == NULL || kek_id == NULL || (aad == NULL && aad_len > 0) || dek_len == 0 ||
+        dek_len > GENERATE_MAX || dek_out == NULL || blob_out == NULL || blob_len == NULL)
+        goto out;
+    if (*blob_len < dek_len + P11_WRAP_OVERHEAD) {
+        rv = CKR_BUFFER_TOO_SMALL;
+        goto out;
+    }
+    arg.gcm.kek_id = kek_id;
+    arg.gcm.aad = aad;
+    arg.gcm.aad_len = aad_len;
+    arg.gcm.out = blob_out;
+    arg.gcm.out_len = *blob_len;
+    arg.dek = dek_out;
+    arg.dek_len = dek_len;
+    rv = p11_run(ctx, op_generate_wrap, &arg);
+    if (rv != CKR_OK)
+        goto out;
+    *blob_len = arg.gcm.out_len;
+out:
+    if (rv != CKR_OK && dek_out != NULL && dek_len <= GENERATE_MAX)
+        OPENSSL_cleanse(dek_out, dek_len);
+    return rv;
+}
+
 /* ---- unwrap ------------------------------------------------------------- */
 
 /* What C_Decrypt may say when the tag does not verify. */
@@ -168,7 +247,7 @@ static CK_RV op_unwrap(p11_ctx *ctx, CK_SESSION_HANDLE s, void *argp, int *flags
             goto out;
         }
     }
-    rv = p11_kek_handle(ctx, s, arg->kek_id, &h, flags);
+    rv = p11_kek_use_handle(ctx, s, arg->kek_id, &h, flags);
     if (rv != CKR_OK)
         goto out;
     gcm_params(&params, (unsigned char *)arg->in, arg);

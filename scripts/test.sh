@@ -3,7 +3,8 @@
 #
 # Installs missing Debian packages, builds a release configuration in
 # build/ and an AddressSanitizer + UndefinedBehaviorSanitizer configuration
-# in build-asan/, and runs the whole ctest suite in both.  Each test starts
+# in build-asan/, and runs the whole ctest suite in both, then fuzzes each
+# libFuzzer target for a bounded time (scripts/fuzz.sh).  Each test starts
 # its own SoftHSM2 token in a temp dir.  Fails on the first failing suite.
 #
 #   scripts/test.sh           # what CI runs (.ci/run)
@@ -32,8 +33,19 @@ export P11KMS_TEST_LONG="$LONG"
 # Tests make temp dirs here; removed at the end whatever happens.
 TEST_TMP="$(mktemp -d /tmp/p11kms-tests.XXXXXX)"
 export TMPDIR="$TEST_TMP"
-cleanup() { rm -rf "$TEST_TMP"; }
+# A private PostgreSQL server for the *_pg tests (Unix socket only, in
+# TEST_TMP; scripts/pg-test-server.sh), stopped at the end.  As root it
+# runs as the `postgres` user, which must be able to reach TEST_TMP.
+chmod 0711 "$TEST_TMP"
+PG_DIR="$TEST_TMP/pg"
+cleanup() {
+  "$ROOT/scripts/pg-test-server.sh" stop "$PG_DIR" 2>/dev/null || true
+  rm -rf "$TEST_TMP"
+}
 trap cleanup EXIT
+echo "== test.sh: start a private PostgreSQL in $PG_DIR"
+P11KMS_TEST_PG_URL="$("$ROOT/scripts/pg-test-server.sh" start "$PG_DIR")"
+export P11KMS_TEST_PG_URL
 
 run_suite() {
   local dir="$1"; shift
@@ -53,6 +65,12 @@ if [[ "$QUICK" == 0 ]]; then
   export ASAN_OPTIONS="detect_leaks=1:abort_on_error=0:strict_string_checks=1"
   export UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1"
   run_suite build-asan -DCMAKE_BUILD_TYPE=Debug -DP11KMS_SANITIZE=ON
+  # libFuzzer targets (tests/fuzz, clang): about 30 s each in CI, 10
+  # minutes each with --long; any crash, leak or UB fails the run.
+  FUZZ_SECONDS=30
+  if [[ "$LONG" == 1 ]]; then FUZZ_SECONDS=600; fi
+  echo "== test.sh: fuzz ($FUZZ_SECONDS s per target)"
+  "$ROOT/scripts/fuzz.sh" "$FUZZ_SECONDS"
 fi
 
 echo "== test.sh: all suites passed in $(( $(date +%s) - start )) s"

@@ -342,23 +342,66 @@ START_TEST(unsupported_features)
     kms_config *cfg = NULL;
     char want[800];
 
-    ck_assert_int_eq(load_text(BASE_HEAD BASE_LISTEN "tls = 127.0.0.1:8443\n"
-                                                     "tls_cert = c.pem\ntls_key = k.pem\n"
-                                                     "tls_client_ca = ca.pem\n",
-                               &cfg),
-                     P11KMS_OK);
-    ck_assert_int_eq(kms_config_check_supported(cfg, err, sizeof(err)), P11KMS_ERR_BAD_REQUEST);
-    snprintf(want, sizeof(want), "%s:9: listen.tls: TLS listener not implemented yet", conf);
-    ck_assert_str_eq(err, want);
-    kms_config_free(cfg);
-
     ck_assert_int_eq(load_text("[token]\nmodule = m\nuri = pkcs11:\n[store]\nbackend = postgres\n"
                                "url = postgresql://kms@/kms\n" BASE_LISTEN,
                                &cfg),
                      P11KMS_OK);
+    /* PostgreSQL is supported (issue 9); its url must parse. */
+    ck_assert_int_eq(kms_config_check_supported(cfg, err, sizeof(err)), P11KMS_OK);
+    kms_config_free(cfg);
+    cfg = NULL;
+    ck_assert_int_eq(load_text("[token]\nmodule = m\nuri = pkcs11:\n[store]\nbackend = postgres\n"
+                               "url = host=/tmp dbname='unterminated\n" BASE_LISTEN,
+                               &cfg),
+                     P11KMS_OK);
     ck_assert_int_eq(kms_config_check_supported(cfg, err, sizeof(err)), P11KMS_ERR_BAD_REQUEST);
-    snprintf(want, sizeof(want), "%s:5: store.backend: postgres backend not available yet", conf);
-    ck_assert_str_eq(err, want);
+    snprintf(want, sizeof(want), "%s:5: store.url: not a libpq connection string", conf);
+    ck_assert_msg(strncmp(err, want, strlen(want)) == 0, "%s", err);
+    kms_config_free(cfg);
+}
+END_TEST
+
+/* listen.tls with tls_cert, tls_key (0600) and tls_client_ca, all or none. */
+START_TEST(tls_keys)
+{
+    kms_config *cfg = NULL;
+    char path[400];
+    char real[PATH_MAX], want[PATH_MAX + 32];
+
+    expect_error(BASE_HEAD BASE_LISTEN "tls = 127.0.0.1:8443\n",
+                 "7: missing required key listen.tls_cert (listen.tls, tls_cert, tls_key and "
+                 "tls_client_ca go together)");
+    expect_error(BASE_HEAD BASE_LISTEN "tls_key = k.pem\n",
+                 "7: missing required key listen.tls (listen.tls, tls_cert, tls_key and "
+                 "tls_client_ca go together)");
+    expect_error(BASE_HEAD BASE_LISTEN "tls = 8443\ntls_cert = c.pem\ntls_key = k.pem\n"
+                                       "tls_client_ca = ca.pem\n",
+                 "9: listen.tls: expected host:port or [v6]:port, not '8443'");
+    expect_error(BASE_HEAD BASE_LISTEN "tls = 127.0.0.1:70000\ntls_cert = c.pem\n"
+                                       "tls_key = k.pem\ntls_client_ca = ca.pem\n",
+                 "9: listen.tls: expected host:port or [v6]:port, not '127.0.0.1:70000'");
+    snprintf(path, sizeof(path), "%s/c.pem", dir);
+    ck_assert_int_eq(kh_write_file(path, "x\n", 0644), 0);
+    snprintf(path, sizeof(path), "%s/ca.pem", dir);
+    ck_assert_int_eq(kh_write_file(path, "x\n", 0644), 0);
+    snprintf(path, sizeof(path), "%s/k.pem", dir);
+    ck_assert_int_eq(kh_write_file(path, "x\n", 0640), 0);
+    ck_assert_int_eq(load_text(BASE_HEAD BASE_LISTEN "tls = [::1]:8443\ntls_cert = c.pem\n"
+                                                     "tls_key = k.pem\ntls_client_ca = ca.pem\n",
+                               &cfg),
+                     P11KMS_ERR_BAD_REQUEST);
+    ck_assert_ptr_nonnull(strstr(err, ":11: listen.tls_key: '"));
+    ck_assert_ptr_nonnull(strstr(err, "need 0600 or stricter"));
+    ck_assert_int_eq(chmod(path, 0600), 0);
+    ck_assert_int_eq(load_text(BASE_HEAD BASE_LISTEN "tls = [::1]:8443\ntls_cert = c.pem\n"
+                                                     "tls_key = k.pem\ntls_client_ca = ca.pem\n",
+                               &cfg),
+                     P11KMS_OK);
+    ck_assert_str_eq(cfg->listen_tls, "[::1]:8443");
+    ck_assert_ptr_nonnull(realpath(dir, real));
+    snprintf(want, sizeof(want), "%s/ca.pem", real);
+    ck_assert_str_eq(cfg->tls_client_ca, want);
+    ck_assert_int_eq(kms_config_check_supported(cfg, err, sizeof(err)), P11KMS_OK);
     kms_config_free(cfg);
 }
 END_TEST
@@ -402,6 +445,7 @@ static Suite *suite(void)
     tcase_add_test(tc, syntax_errors);
     tcase_add_test(tc, socket_path_too_long);
     tcase_add_test(tc, unsupported_features);
+    tcase_add_test(tc, tls_keys);
     tcase_add_test(tc, unreadable_file);
     suite_add_tcase(s, tc);
     return s;

@@ -15,10 +15,11 @@
 
 #include "kms/core/core.h"
 #include "testtoken.h"
+#include "teststore.h"
 
 static tt_token token;
 static char dir[256];
-static char db_path[512];
+static ts_db db;
 static p11_ctx *p11;
 static kms_store *store;
 static kms_core *core;
@@ -27,7 +28,7 @@ static void open_all(void)
 {
     p11_config cfg = {.module = token.module, .uri = token.uri, .pin = TT_PIN};
     ck_assert_int_eq(p11_open(&cfg, &p11), CKR_OK);
-    ck_assert_int_eq(kms_store_open_sqlite(db_path, &store), P11KMS_OK);
+    ck_assert_int_eq(ts_db_open(&db, &store), P11KMS_OK);
     ck_assert_int_eq(kms_core_new(p11, store, &core), P11KMS_OK);
 }
 
@@ -45,13 +46,14 @@ static void setup(void)
 {
     ck_assert_int_eq(tt_token_new("core-test", &token), 0);
     ck_assert_int_eq(tt_tempdir(dir, sizeof(dir)), 0);
-    snprintf(db_path, sizeof(db_path), "%s/kms.db", dir);
+    ck_assert_int_eq(ts_db_new(dir, &db), 0);
     open_all();
 }
 
 static void teardown(void)
 {
     close_all();
+    ts_db_drop(&db);
     tt_rmtree(dir);
     tt_token_remove(&token);
 }
@@ -148,35 +150,23 @@ START_TEST(test_decrypt_errors)
 }
 END_TEST
 
-/* Flip one byte of the stored wrapped DEK in the SQLite file itself. */
+/* Flip one byte of the stored wrapped DEK in the database itself. */
 START_TEST(test_integrity_failure)
 {
     kms_key_rec *k = NULL;
     kms_datakey a, b;
     json_t *c = ctx1("42");
-    sqlite3 *db = NULL;
 
     ck_assert_int_eq(kms_key_create(core, "customers", &k), P11KMS_OK);
     kms_key_rec_free(k);
     ck_assert_int_eq(kms_dek_generate(core, "customers", c, &a), P11KMS_OK);
     close_all();
-    ck_assert_int_eq(sqlite3_open(db_path, &db), SQLITE_OK);
-    sqlite3_stmt *sel = NULL, *upd = NULL;
-    ck_assert_int_eq(sqlite3_prepare_v2(db, "SELECT wrapped FROM deks WHERE id = ?1", -1, &sel, NULL), SQLITE_OK);
-    sqlite3_bind_text(sel, 1, a.id, -1, SQLITE_STATIC);
-    ck_assert_int_eq(sqlite3_step(sel), SQLITE_ROW);
-    int len = sqlite3_column_bytes(sel, 0);
     unsigned char blob[128];
-    ck_assert_int_le(len, (int)sizeof(blob));
-    memcpy(blob, sqlite3_column_blob(sel, 0), (size_t)len);
-    sqlite3_finalize(sel);
+    size_t len = 0;
+    ck_assert_int_eq(ts_db_wrapped_get(&db, a.id, blob, sizeof(blob), &len), 0);
+    ck_assert_int_gt(len, 20);
     blob[20] ^= 0x01;
-    ck_assert_int_eq(sqlite3_prepare_v2(db, "UPDATE deks SET wrapped = ?1 WHERE id = ?2", -1, &upd, NULL), SQLITE_OK);
-    sqlite3_bind_blob(upd, 1, blob, len, SQLITE_STATIC);
-    sqlite3_bind_text(upd, 2, a.id, -1, SQLITE_STATIC);
-    ck_assert_int_eq(sqlite3_step(upd), SQLITE_DONE);
-    sqlite3_finalize(upd);
-    sqlite3_close(db);
+    ck_assert_int_eq(ts_db_wrapped_set(&db, a.id, blob, len), 0);
     open_all();
     ck_assert_int_eq(kms_dek_decrypt(core, a.id, c, &b), P11KMS_ERR_INTEGRITY_FAILURE);
     kms_datakey_clear(&a);

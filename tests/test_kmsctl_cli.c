@@ -511,6 +511,89 @@ START_TEST(audit_status_backup)
 }
 END_TEST
 
+/* The audit log through kmsctl (kmsd's side: test_kmsd_audit.c): tail
+ * pages through more than one page (1000 entries) and keeps the last N,
+ * --after, the table and --json; verify says ok, then names the first bad
+ * entry (exit 1) once a row is edited behind kmsd's back, and ok again
+ * once it is put back. */
+START_TEST(audit_tail_and_verify)
+{
+    CURL *c = curl_easy_init();
+    kh_response resp;
+    kr_result r;
+    json_t *j, *e;
+    json_int_t last, seq;
+    char after[32], want[96];
+
+    ck_assert_ptr_nonnull(c);
+    for (int i = 0; i < 1005; i++) { /* one audit entry each */
+        ck_assert_int_eq(kh_request_h(c, K.sock, "GET", "/v1/keys", NULL, 0, NULL, &resp), 0);
+        ck_assert_int_eq(resp.status, 200);
+        kh_response_free(&resp);
+    }
+    curl_easy_cleanup(c);
+
+    j = CTL_JSON("audit", "tail", "-n", "3");
+    e = json_object_get(j, "entries");
+    ck_assert_int_eq(json_array_size(e), 3);
+    last = json_integer_value(json_object_get(json_array_get(e, 2), "seq"));
+    ck_assert_int_gt(last, 1005);
+    for (int i = 0; i < 3; i++) {
+        const json_t *x = json_array_get(e, (size_t)i);
+        ck_assert_int_eq(json_integer_value(json_object_get(x, "seq")), last - 2 + i);
+        ck_assert_ptr_nonnull(json_string_value(json_object_get(x, "principal")));
+        ck_assert_ptr_nonnull(json_string_value(json_object_get(x, "operation")));
+        ck_assert_ptr_nonnull(json_string_value(json_object_get(x, "time")));
+        ck_assert_str_eq(json_string_value(json_object_get(x, "result")), "ok");
+    }
+    /* the newest of them is one of the pages kmsctl itself read */
+    ck_assert_str_eq(json_string_value(json_object_get(json_array_get(e, 2), "operation")),
+                     "audit.list");
+    json_decref(j);
+
+    snprintf(after, sizeof(after), "%lld", (long long)(last - 3));
+    ck_assert_int_eq(CTL(&r, "audit", "tail", "--after", after), 0);
+    ck_assert_int_ge(kr_lines(r.out), 5); /* header, last-2 .. last, and its own page */
+    ck_assert_ptr_nonnull(strstr(r.out, "SEQ"));
+    ck_assert_ptr_nonnull(strstr(r.out, "PRINCIPAL"));
+    ck_assert_ptr_nonnull(strstr(r.out, "ERROR"));
+    ck_assert_ptr_nonnull(strstr(r.out, "key.list"));
+    ck_assert_ptr_nonnull(strstr(r.out, "uid:"));
+    kr_free(&r);
+
+    ck_assert_int_eq(CTL(&r, "audit", "verify"), 0);
+    ck_assert_msg(strncmp(r.out, "audit chain ok: ", 16) == 0, "%s", r.out);
+    ck_assert_ptr_nonnull(strstr(r.out, " entries verified\n"));
+    ck_assert_str_eq(r.err, "");
+    kr_free(&r);
+
+    /* an entry edited behind kmsd's back */
+    ck_assert_int_eq(ts_db_exec(&K.store, "CREATE TABLE audit_saved AS SELECT * FROM audit"), 0);
+    ck_assert_int_eq(
+        ts_db_exec(&K.store, "UPDATE audit SET operation = 'x.tampered' WHERE seq = 3"), 0);
+    ck_assert_int_eq(CTL(&r, "audit", "verify"), 1);
+    ck_assert_str_eq(r.out, "");
+    snprintf(want, sizeof(want), "kmsctl: audit_broken: first bad entry 3: ");
+    ck_assert_msg(strncmp(r.err, want, strlen(want)) == 0, "stderr: %s", r.err);
+    ck_assert_int_eq(kr_lines(r.err), 1);
+    kr_free(&r);
+    ck_assert_int_eq(CTL(&r, "--json", "audit", "verify"), 1);
+    j = json_loads(r.out, 0, NULL);
+    ck_assert_ptr_nonnull(j);
+    ck_assert(json_is_false(json_object_get(j, "ok")));
+    seq = json_integer_value(json_object_get(j, "first_bad"));
+    ck_assert_int_eq(seq, 3);
+    json_decref(j);
+    kr_free(&r);
+    ck_assert_int_eq(ts_db_exec(&K.store, "UPDATE audit SET operation = (SELECT operation FROM "
+                                          "audit_saved WHERE seq = 3) WHERE seq = 3"),
+                     0);
+    ck_assert_int_eq(ts_db_exec(&K.store, "DROP TABLE audit_saved"), 0);
+    ck_assert_int_eq(CTL(&r, "audit", "verify"), 0);
+    kr_free(&r);
+}
+END_TEST
+
 START_TEST(default_socket_and_transport)
 {
     kr_result r;
@@ -568,6 +651,7 @@ static Suite *suite(void)
     tcase_add_test(tc, dek_generate_decrypt);
     tcase_add_test(tc, dek_lifecycle_commands);
     tcase_add_test(tc, audit_status_backup);
+    tcase_add_test(tc, audit_tail_and_verify);
     tcase_add_test(tc, default_socket_and_transport);
     suite_add_tcase(s, tc);
     return s;

@@ -359,12 +359,15 @@ START_TEST(not_found)
     ku_expect_error(&K, "GET", "/v2/keys", NULL, 404, "not_found");
     ku_expect_error(&K, "POST", "/v1/keys/a/b/c/d", "{}", 404, "not_found");
     /* known routes of later releases */
-    msg = ku_expect_error(&K, "POST", "/v1/keys/a/rotate", NULL, 404, "not_found");
+    msg = ku_expect_error(&K, "GET", "/v1/status", NULL, 404, "not_found");
     ck_assert_str_eq(msg, "not implemented yet");
-    ku_expect_error(&K, "GET", "/metrics", NULL, 404, "not_found");
-    ku_expect_error(&K, "GET", "/v1/status", NULL, 404, "not_found");
-    ku_expect_error(&K, "GET", "/v1/audit/verify", NULL, 404, "not_found");
-    ku_expect_error(&K, "DELETE", "/v1/keys/a/versions/1", NULL, 404, "not_found");
+    /* GET /metrics is served: tests/test_kmsd_metrics.c */
+    ku_expect_error(&K, "POST", "/metrics", NULL, 405, "method_not_allowed");
+    ku_expect_error(&K, "POST", "/v1/audit/verify", NULL, 405, "method_not_allowed");
+    /* key rotation routes (issue 3, tests/test_kmsd_rotation.c): an
+     * unknown key is key_not_found, not a missing route */
+    ku_expect_error(&K, "POST", "/v1/keys/a/rotate", NULL, 404, "key_not_found");
+    ku_expect_error(&K, "DELETE", "/v1/keys/a/versions/1", NULL, 404, "key_not_found");
     /* the bulk route, not a DEK id (tests/test_kmsd_deks.c covers it) */
     ku_expect_error(&K, "POST", "/v1/datakeys/revoke", "{}", 400, "bad_request");
     /* the query string is not part of the route */

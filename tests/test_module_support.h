@@ -63,21 +63,32 @@ static inline CK_SESSION_HANDLE tm_raw_session(p11_ctx *ctx)
     return s;
 }
 
-/* The object handle of the secret key with this CKA_ID, looked up raw. */
-static inline CK_OBJECT_HANDLE tm_raw_find(p11_ctx *ctx, CK_SESSION_HANDLE s,
-                                           const unsigned char id[P11_KEK_ID_LEN])
+/* The object handle of the secret key with this CKA_ID and CKA_TOKEN,
+ * looked up raw (a KEK's session-object copy shares its CKA_ID). */
+static inline CK_OBJECT_HANDLE tm_raw_find_kind(p11_ctx *ctx, CK_SESSION_HANDLE s,
+                                                const unsigned char id[P11_KEK_ID_LEN],
+                                                CK_BBOOL on_token)
 {
     CK_FUNCTION_LIST *fl = p11_function_list(ctx);
     CK_OBJECT_CLASS cls = CKO_SECRET_KEY;
-    CK_ATTRIBUTE t[] = {{CKA_CLASS, &cls, sizeof(cls)}, {CKA_ID, (void *)id, P11_KEK_ID_LEN}};
+    CK_ATTRIBUTE t[] = {{CKA_CLASS, &cls, sizeof(cls)},
+                        {CKA_ID, (void *)id, P11_KEK_ID_LEN},
+                        {CKA_TOKEN, &on_token, sizeof(on_token)}};
     CK_OBJECT_HANDLE h = CK_INVALID_HANDLE;
     CK_ULONG n = 0;
 
-    ck_assert_uint_eq(fl->C_FindObjectsInit(s, t, 2), CKR_OK);
+    ck_assert_uint_eq(fl->C_FindObjectsInit(s, t, 3), CKR_OK);
     ck_assert_uint_eq(fl->C_FindObjects(s, &h, 1, &n), CKR_OK);
     ck_assert_uint_eq(fl->C_FindObjectsFinal(s), CKR_OK);
     ck_assert_uint_eq(n, 1);
     return h;
+}
+
+/* The token object of the KEK (or key) with this CKA_ID. */
+static inline CK_OBJECT_HANDLE tm_raw_find(p11_ctx *ctx, CK_SESSION_HANDLE s,
+                                           const unsigned char id[P11_KEK_ID_LEN])
+{
+    return tm_raw_find_kind(ctx, s, id, CK_TRUE);
 }
 
 /* Send stderr (the log) to a temp file; returns the saved fd. */

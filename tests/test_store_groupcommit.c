@@ -23,21 +23,23 @@
 #include "kms/store/store.h"
 #include "kms/store/store_internal.h"
 #include "support/testtoken.h"
+#include "support/teststore.h"
 
 #define N_THREADS    16
 #define N_PER_THREAD 500
 
 static char dir[256];
-static char dbpath[512];
+static ts_db db;
 
 static void setup(void)
 {
     ck_assert_int_eq(tt_tempdir(dir, sizeof(dir)), 0);
-    snprintf(dbpath, sizeof(dbpath), "%s/kms.db", dir);
+    ck_assert_int_eq(ts_db_new(dir, &db), 0);
 }
 
 static void teardown(void)
 {
+    ts_db_drop(&db);
     tt_rmtree(dir);
 }
 
@@ -61,7 +63,7 @@ static kms_store *open_with_key(const char *key)
     unsigned char tid[KMS_TOKEN_ID_LEN];
 
     memset(tid, 0xab, sizeof(tid));
-    ck_assert_int_eq(kms_store_open_sqlite(dbpath, &st), P11KMS_OK);
+    ck_assert_int_eq(ts_db_open(&db, &st), P11KMS_OK);
     ck_assert_int_eq(kms_store_key_create(st, key, tid, 1), P11KMS_OK);
     return st;
 }
@@ -131,7 +133,7 @@ START_TEST(sixteen_threads_share_commits)
     kms_store_close(st);
 
     /* Every row readable after a reopen, bytes intact. */
-    ck_assert_int_eq(kms_store_open_sqlite(dbpath, &st), P11KMS_OK);
+    ck_assert_int_eq(ts_db_open(&db, &st), P11KMS_OK);
     for (unsigned t = 0; t < N_THREADS; t++)
         for (unsigned i = 0; i < N_PER_THREAD; i++) {
             make_dek(&d, "load", t, i);
@@ -160,13 +162,12 @@ static void *do_insert(void *arg)
     return NULL;
 }
 
-static sqlite3 *lock_db(void)
+static void *lock_db(void)
 {
-    sqlite3 *db = NULL;
+    void *lock = ts_db_lock_writes(&db);
 
-    ck_assert_int_eq(sqlite3_open_v2(dbpath, &db, SQLITE_OPEN_READWRITE, NULL), SQLITE_OK);
-    ck_assert_int_eq(sqlite3_exec(db, "BEGIN IMMEDIATE", NULL, NULL, NULL), SQLITE_OK);
-    return db;
+    ck_assert_ptr_nonnull(lock);
+    return lock;
 }
 
 static void wait_queued(kms_store *st, uint64_t n)
@@ -191,7 +192,7 @@ START_TEST(failing_write_does_not_fail_its_group)
     kms_store_stats_ex s0, s1;
     kms_dek_rec *got = NULL;
     kms_key_rec *k = NULL;
-    sqlite3 *db;
+    void *lock;
 
     /* An existing DEK to collide with. */
     memset(&ow, 0, sizeof(ow));
@@ -199,7 +200,7 @@ START_TEST(failing_write_does_not_fail_its_group)
     ck_assert_int_eq(kms_store_dek_insert(st, &ow[0].dek), P11KMS_OK);
     kms_store_stats_get(st, &s0);
 
-    db = lock_db();
+    lock = lock_db();
     /* First write: the writer takes it alone and blocks in BEGIN. */
     ow[0].st = st;
     make_dek(&ow[0].dek, "grp", 1, 0);
@@ -216,8 +217,7 @@ START_TEST(failing_write_does_not_fail_its_group)
         ck_assert_int_eq(pthread_create(&th[i], NULL, do_insert, &ow[i]), 0);
     }
     wait_queued(st, N - 1);
-    ck_assert_int_eq(sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL), SQLITE_OK);
-    sqlite3_close(db);
+    ts_db_unlock_writes(&db, lock);
     for (unsigned i = 0; i < N; i++)
         pthread_join(th[i], NULL);
 
@@ -256,11 +256,11 @@ START_TEST(locked_database_fails_group_then_recovers)
     kms_key_rec *k = NULL;
     kms_dek_rec *got = NULL;
     kms_store_stats_ex s0, s1;
-    sqlite3 *db;
+    void *lock;
 
     memset(&ow, 0, sizeof(ow));
     kms_store_stats_get(st, &s0);
-    db = lock_db();
+    lock = lock_db();
     for (unsigned i = 0; i < N; i++) {
         ow[i].st = st;
         make_dek(&ow[i].dek, "busy", 2, i);
@@ -278,8 +278,7 @@ START_TEST(locked_database_fails_group_then_recovers)
     ck_assert_uint_eq(s1.commits, s0.commits);
     ck_assert_int_eq(kms_store_dek_get(st, ow[0].dek.id, &got), P11KMS_ERR_DEK_NOT_FOUND);
 
-    ck_assert_int_eq(sqlite3_exec(db, "ROLLBACK", NULL, NULL, NULL), SQLITE_OK);
-    sqlite3_close(db);
+    ts_db_unlock_writes(&db, lock);
     ck_assert_int_eq(kms_store_ping(st), P11KMS_OK);
     ck_assert_int_eq(kms_store_dek_insert(st, &ow[0].dek), P11KMS_OK);
     ck_assert_int_eq(kms_store_key_get(st, "busy", &k), P11KMS_OK);
@@ -327,7 +326,7 @@ static void run_child(unsigned round, int fd)
     pthread_t th[CHILD_THREADS];
     child_worker w[CHILD_THREADS];
 
-    if (kms_store_open_sqlite(dbpath, &st) != P11KMS_OK)
+    if (ts_db_open(&db, &st) != P11KMS_OK)
         _exit(2);
     for (unsigned i = 0; i < CHILD_THREADS; i++) {
         w[i] = (child_worker){.st = st, .thread = i, .round = round, .fd = fd};
@@ -394,8 +393,6 @@ START_TEST(acknowledged_deks_survive_sigkill)
         size_t len = 0, lines;
         char *acks;
         pid_t pid;
-        sqlite3 *db = NULL;
-        sqlite3_stmt *q = NULL;
         kms_dek_rec *got = NULL, want;
 
         ck_assert_int_eq(pipe(pfd), 0);
@@ -416,14 +413,9 @@ START_TEST(acknowledged_deks_survive_sigkill)
         fprintf(stderr, "round %u: killed after %u ms, %zu DEKs acknowledged\n", round, kill_after,
                 lines);
 
-        ck_assert_int_eq(sqlite3_open_v2(dbpath, &db, SQLITE_OPEN_READWRITE, NULL), SQLITE_OK);
-        ck_assert_int_eq(sqlite3_prepare_v2(db, "PRAGMA integrity_check", -1, &q, NULL), SQLITE_OK);
-        ck_assert_int_eq(sqlite3_step(q), SQLITE_ROW);
-        ck_assert_str_eq((const char *)sqlite3_column_text(q, 0), "ok");
-        sqlite3_finalize(q);
-        sqlite3_close(db);
+        ck_assert(ts_db_integrity_ok(&db));
 
-        ck_assert_int_eq(kms_store_open_sqlite(dbpath, &st), P11KMS_OK);
+        ck_assert_int_eq(ts_db_open(&db, &st), P11KMS_OK);
         for (size_t i = 0; i < lines; i++) {
             char id[KMS_DEK_ID_LEN + 1];
             unsigned n, t;

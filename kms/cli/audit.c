@@ -1,10 +1,13 @@
 /*
  * kms/cli/audit.c - `kmsctl audit tail|verify`: read the hash-chained audit
- * log and check it.
+ * log and check it (docs/api.md: GET /v1/audit, GET /v1/audit/verify;
+ * entry fields seq, time, principal, operation, key, version, dek_id,
+ * result, error_code).
  *
  * tail pages through GET /v1/audit (oldest first) and prints the last N
  * entries, or every entry after --after SEQ.  verify exits 1 naming the
- * first bad entry when the chain is broken.
+ * first bad entry when the chain is broken.  Reading the log is itself
+ * audited by kmsd (an "audit.list" entry per page, "audit.verify").
  */
 #include <stdlib.h>
 #include <string.h>
@@ -15,26 +18,21 @@
 
 static json_int_t entry_seq(const json_t *e)
 {
-    const json_t *s = json_object_get(e, "seq");
-
-    if (s == NULL)
-        s = json_object_get(e, "sequence");
-    return json_integer_value(s);
+    return json_integer_value(json_object_get(e, "seq"));
 }
 
-static const char *field(const json_t *e, const char *a, const char *b)
+/* A field as text; "-" for null (no key, version or DEK). */
+static const char *field(const json_t *e, const char *name)
 {
-    const json_t *v = json_object_get(e, a);
+    const json_t *v = json_object_get(e, name);
 
-    if (v == NULL && b != NULL)
-        v = json_object_get(e, b);
-    return kms_scalar(v);
+    return v == NULL || json_is_null(v) ? "-" : kms_scalar(v);
 }
 
 static int audit_tail(kms_cli *cli, int argc, char **argv)
 {
-    static const char *const head[] = {"SEQ", "TIME",    "PRINCIPAL", "OPERATION",
-                                       "KEY", "VERSION", "DEK_ID",    "RESULT"};
+    static const char *const head[] = {"SEQ",     "TIME",   "PRINCIPAL", "OPERATION", "KEY",
+                                       "VERSION", "DEK_ID", "RESULT",    "ERROR"};
     const char *lines_s = NULL, *after_s = NULL;
     const kms_opt opts[] = {
         {"--lines", "-n", KMS_OPT_STRING, &lines_s},
@@ -82,23 +80,19 @@ static int audit_tail(kms_cli *cli, int argc, char **argv)
         json_decref(o);
         goto out;
     }
-    if ((t = kms_table_new(8, head)) == NULL) {
+    if ((t = kms_table_new(9, head)) == NULL) {
         rv = kms_fail("internal", "out of memory");
         goto out;
     }
     json_array_foreach(kept, i, e)
     {
-        char cells[8][128];
-        const char *row[8];
-        snprintf(cells[0], sizeof(cells[0]), "%s", field(e, "seq", "sequence"));
-        snprintf(cells[1], sizeof(cells[1]), "%s", field(e, "time", "timestamp"));
-        snprintf(cells[2], sizeof(cells[2]), "%s", field(e, "principal", NULL));
-        snprintf(cells[3], sizeof(cells[3]), "%s", field(e, "operation", "op"));
-        snprintf(cells[4], sizeof(cells[4]), "%s", field(e, "key", NULL));
-        snprintf(cells[5], sizeof(cells[5]), "%s", field(e, "version", NULL));
-        snprintf(cells[6], sizeof(cells[6]), "%s", field(e, "dek_id", NULL));
-        snprintf(cells[7], sizeof(cells[7]), "%s", field(e, "result", NULL));
-        for (int c = 0; c < 8; c++)
+        static const char *const names[9] = {"seq",     "time",   "principal", "operation", "key",
+                                             "version", "dek_id", "result",    "error_code"};
+        char cells[9][168];
+        const char *row[9];
+        for (int c = 0; c < 9; c++)
+            snprintf(cells[c], sizeof(cells[c]), "%s", field(e, names[c]));
+        for (int c = 0; c < 9; c++)
             row[c] = cells[c];
         kms_table_add(t, row);
     }
@@ -139,8 +133,8 @@ out:
 
 static const kms_command commands[] = {
     {"tail", "tail [-n N] [--after SEQ]", "print the latest audit entries",
-     "Prints sequence, time, principal, operation, key, version, DEK id and result of\n"
-     "each entry, oldest first.\n"
+     "Prints sequence, time, principal, operation, key, version, DEK id, result and\n"
+     "error code of each entry, oldest first.\n"
      "Options:\n"
      "  -n, --lines N   the last N entries (default 20)\n"
      "  --after SEQ     every entry after sequence number SEQ instead\n",

@@ -2,10 +2,17 @@
  * kms/core/core.c - the core context: token + store, start-up
  * reconciliation, and the one CK_RV -> p11kms_status conversion.
  *
- * The context holds no mutable state of its own: the token layer and the
- * store are thread-safe, so one kms_core is shared by all workers without
- * a lock.
+ * The context holds no mutable state of its own after kms_core_new_ex
+ * (options and test hooks are set before it is shared) except the audit
+ * state (atomic; see audit.c): the token layer and the store are
+ * thread-safe, so one kms_core is shared by all workers without a lock.
+ * The one exception is rotate_mu, which serialises the rotations of this
+ * process (kms_core_rotate_lock): racing requests that all find a version
+ * full wait for the first one's new version instead of each creating a
+ * token object only to destroy it.
  */
+#include <pthread.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -13,10 +20,101 @@
 #include "kms/core/internal.h"
 #include "module/log.h"
 
+#define KMS_REWRAP_THREADS_DEFAULT 4
+#define KMS_REWRAP_THREADS_MAX 32
+
 struct kms_core {
     p11_ctx *token;
     kms_store *store;
+    uint64_t max_wraps;
+    unsigned rewrap_threads;
+    kms_core_test_hooks hooks;
+    pthread_mutex_t rotate_mu;
+    int rotate_mu_ok;
+    unsigned char audit_key_id[KMS_TOKEN_ID_LEN]; /* the audit MAC key's CKA_ID */
+    int audit_attached;
+    atomic_int audit_state; /* KMS_AUDIT_STATE_* */
+    pthread_t audit_thread; /* the start-up verification, when big */
+    int audit_thread_started;
 };
+
+const unsigned char *kms_core_audit_key_id(const kms_core *core)
+{
+    return core->audit_key_id;
+}
+
+int kms_core_audit_state(kms_core *core)
+{
+    return core != NULL ? atomic_load(&core->audit_state) : KMS_AUDIT_STATE_OK;
+}
+
+void kms_core_audit_state_set(kms_core *core, int state)
+{
+    atomic_store(&core->audit_state, state);
+}
+
+static void *audit_check_main(void *arg)
+{
+    kms_audit_report r;
+    kms_core *core = arg;
+    p11kms_status rv = kms_audit_verify_chain(core, &r);
+
+    if (rv != P11KMS_OK)
+        LOG_ERROR("core", "start-up audit verification could not run: %s", p11kms_status_code(rv));
+    else if (r.ok)
+        LOG_INFO("core", "audit log verified: %llu entries", (unsigned long long)r.entries);
+    return NULL;
+}
+
+void kms_audit_startup_check(kms_core *core)
+{
+    kms_audit_head head;
+
+    if (core == NULL || core->audit_thread_started)
+        return;
+    if (kms_store_audit_head(core->store, &head) == P11KMS_OK &&
+        head.seq > KMS_AUDIT_START_SYNC_MAX &&
+        pthread_create(&core->audit_thread, NULL, audit_check_main, core) == 0) {
+        core->audit_thread_started = 1;
+        LOG_INFO("core", "verifying %llu audit entries in the background",
+                 (unsigned long long)head.seq);
+        return;
+    }
+    (void)audit_check_main(core);
+}
+
+void kms_core_rotate_lock(kms_core *core)
+{
+    pthread_mutex_lock(&core->rotate_mu);
+}
+
+void kms_core_rotate_unlock(kms_core *core)
+{
+    pthread_mutex_unlock(&core->rotate_mu);
+}
+
+uint64_t kms_core_max_wraps(const kms_core *core)
+{
+    return core->max_wraps;
+}
+
+unsigned kms_core_rewrap_threads(const kms_core *core)
+{
+    return core->rewrap_threads;
+}
+
+const kms_core_test_hooks *kms_core_hooks(const kms_core *core)
+{
+    return &core->hooks;
+}
+
+void kms_core_set_test_hooks(kms_core *core, const kms_core_test_hooks *hooks)
+{
+    if (hooks != NULL)
+        core->hooks = *hooks;
+    else
+        memset(&core->hooks, 0, sizeof(core->hooks));
+}
 
 p11_ctx *kms_core_token(kms_core *core)
 {
@@ -63,15 +161,18 @@ static int id_in_list(const unsigned char *id, unsigned char (*ids)[KMS_TOKEN_ID
 
 /* Destroy KEK objects that the store does not refer to.  They can only be
  * left by a crash (or a failed commit) between C_GenerateKey and the store
- * commit, so nothing was ever wrapped by them.  Single-node only: with
- * several nodes another node may be between those two steps (see
- * docs/operations.md). */
+ * commit, so nothing was ever wrapped by them.  Also destroy the objects
+ * of versions the store marks destroyed: a retire commits "destroyed"
+ * first and destroys the object second, so a crash in between leaves an
+ * object no DEK refers to.  Single-node only: with several nodes another
+ * node may be between those two steps (see docs/operations.md). */
 static p11kms_status reconcile_orphans(kms_core *core)
 {
     p11kms_status rv;
     unsigned char (*token_ids)[P11_KEK_ID_LEN] = NULL;
     unsigned char (*store_ids)[KMS_TOKEN_ID_LEN] = NULL;
-    size_t n_token = 0, n_store = 0;
+    unsigned char (*dead_ids)[KMS_TOKEN_ID_LEN] = NULL;
+    size_t n_token = 0, n_store = 0, n_dead = 0;
     CK_RV crv;
 
     crv = p11_kek_list(core->token, KMS_KEK_LABEL_PREFIX, &token_ids, &n_token);
@@ -82,11 +183,19 @@ static p11kms_status reconcile_orphans(kms_core *core)
     rv = kms_store_token_ids(core->store, &store_ids, &n_store);
     if (rv != P11KMS_OK)
         goto out;
+    rv = kms_store_token_ids_destroyed(core->store, &dead_ids, &n_dead);
+    if (rv != P11KMS_OK)
+        goto out;
     for (size_t i = 0; i < n_token; i++) {
-        if (id_in_list(token_ids[i], store_ids, n_store))
+        int retired = id_in_list(token_ids[i], dead_ids, n_dead);
+
+        if (!retired && id_in_list(token_ids[i], store_ids, n_store))
             continue;
         crv = p11_kek_destroy(core->token, token_ids[i]);
-        if (crv == CKR_OK)
+        if (crv == CKR_OK && retired)
+            LOG_WARN("core", "destroyed the KEK object of a retired key version (an interrupted "
+                             "retire is now finished)");
+        else if (crv == CKR_OK)
             LOG_WARN("core", "destroyed an orphan KEK object left by an interrupted key "
                              "creation or rotation");
         else
@@ -96,30 +205,69 @@ static p11kms_status reconcile_orphans(kms_core *core)
 out:
     free(token_ids);
     free(store_ids);
+    free(dead_ids);
     return rv;
 }
 
 p11kms_status kms_core_new(p11_ctx *token, kms_store *store, kms_core **out)
 {
-    p11kms_status rv = P11KMS_ERR_NO_MEMORY;
-    kms_core *core = calloc(1, sizeof(*core));
+    return kms_core_new_ex(token, store, NULL, out);
+}
 
+p11kms_status kms_core_new_ex(p11_ctx *token, kms_store *store, const kms_core_options *opts,
+                              kms_core **out)
+{
+    p11kms_status rv = P11KMS_ERR_BAD_REQUEST;
+    kms_core *core = NULL;
+    kms_core_options o;
+
+    memset(&o, 0, sizeof(o));
+    if (opts != NULL)
+        o = *opts;
+    if (o.max_wraps_per_version == 0)
+        o.max_wraps_per_version = KMS_MAX_WRAPS_DEFAULT;
+    if (o.rewrap_threads == 0)
+        o.rewrap_threads = KMS_REWRAP_THREADS_DEFAULT;
+    if (token == NULL || store == NULL || out == NULL ||
+        o.max_wraps_per_version > KMS_MAX_WRAPS_DEFAULT ||
+        o.rewrap_threads > KMS_REWRAP_THREADS_MAX)
+        goto out;
+    rv = P11KMS_ERR_NO_MEMORY;
+    core = calloc(1, sizeof(*core));
     if (core == NULL)
         goto out;
     core->token = token;
     core->store = store;
+    core->max_wraps = o.max_wraps_per_version;
+    core->rewrap_threads = o.rewrap_threads;
+    rv = P11KMS_ERR_INTERNAL;
+    if (pthread_mutex_init(&core->rotate_mu, NULL) != 0)
+        goto out;
+    core->rotate_mu_ok = 1;
     rv = reconcile_orphans(core);
     if (rv != P11KMS_OK)
         goto out;
+    rv = kms_audit_open(core, core->audit_key_id);
+    if (rv != P11KMS_OK)
+        goto out;
+    core->audit_attached = 1;
     *out = core;
     core = NULL;
 out:
-    free(core);
+    kms_core_free(core);
     return rv;
 }
 
 void kms_core_free(kms_core *core)
 {
+    if (core == NULL)
+        return;
+    if (core->audit_thread_started)
+        pthread_join(core->audit_thread, NULL);
+    if (core->audit_attached)
+        kms_store_audit_attach(core->store, NULL, NULL);
+    if (core->rotate_mu_ok)
+        pthread_mutex_destroy(&core->rotate_mu);
     free(core);
 }
 

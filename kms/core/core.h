@@ -44,12 +44,44 @@ typedef struct kms_datakey {
     unsigned char plaintext[KMS_DEK_LEN];
 } kms_datakey;
 
+/* Options of the core (kms_core_new_ex).  Zeroed fields take defaults. */
+typedef struct kms_core_options {
+    /* Rotate a key version before it has wrapped more than this many DEKs
+     * (1..KMS_MAX_WRAPS_DEFAULT; 0 = KMS_MAX_WRAPS_DEFAULT = 2^30).  Only
+     * lowered, for tests: AES-GCM with random IVs is safe to ~2^32 uses. */
+    uint64_t max_wraps_per_version;
+    /* Threads that share the token work of one rewrap batch (0 = 4). */
+    unsigned rewrap_threads;
+} kms_core_options;
+
+/* Test hooks: set only by tests (kms_core_set_test_hooks); NULL members
+ * are not called. */
+typedef struct kms_core_test_hooks {
+    /* Rotation: after the new version's token object exists and before
+     * the store records it (a test may kill the process here). */
+    void (*rotate_object_created)(void *arg, const char *key, uint32_t version);
+    /* Rewrap: after each committed batch, with the DEKs moved so far. */
+    void (*rewrap_batch_committed)(void *arg, const char *key, uint64_t moved);
+    void *arg;
+} kms_core_test_hooks;
+
 /* Create the core over an open token and store (both stay owned by the
- * caller and must outlive the core), and reconcile orphan KEK objects:
+ * caller and must outlive the core), and reconcile KEK objects:
  * token objects labelled "p11kms:" that the store does not refer to are
  * destroyed (they are left over from a crash between C_GenerateKey and
- * the store commit; no DEK was ever wrapped by them). */
+ * the store commit; no DEK was ever wrapped by them), and so are the
+ * objects of versions the store has marked destroyed (a retire
+ * interrupted between its store commit and C_DestroyObject). */
 p11kms_status kms_core_new(p11_ctx *token, kms_store *store, kms_core **out);
+
+/* The same with options (NULL: defaults).  P11KMS_ERR_BAD_REQUEST when an
+ * option is out of range. */
+p11kms_status kms_core_new_ex(p11_ctx *token, kms_store *store, const kms_core_options *opts,
+                              kms_core **out);
+
+/* For tests only: install hooks (copied; NULL removes them).  Not
+ * thread-safe: call before the core is shared. */
+void kms_core_set_test_hooks(kms_core *core, const kms_core_test_hooks *hooks);
 void kms_core_free(kms_core *core);
 
 p11_ctx *kms_core_token(kms_core *core);
@@ -67,9 +99,79 @@ p11kms_status kms_key_create(kms_core *core, const char *name, kms_key_rec **out
 p11kms_status kms_key_show(kms_core *core, const char *name, kms_key_rec **out);
 p11kms_status kms_key_list(kms_core *core, kms_key_rec ***out, size_t *count);
 
+/* ---- key rotation (rotation.c, rewrap.c) ----
+ *
+ * Versions are numbered 1, 2, 3 ...; the latest wraps new DEKs, the others
+ * still unwrap until min_decrypt_version passes them or they are retired.
+ * Every change goes through the store's compare-and-set writes, so
+ * concurrent callers (workers, nodes) never collide. */
+
+/* Rotate: create the next KEK version in the token (same attributes,
+ * label "p11kms:<name>:v<n>"), then record it as the latest version in one
+ * store write.  A concurrent rotation that wins the store's
+ * compare-and-set makes this one destroy its fresh object and try again
+ * (a few times).  A crash between the two steps leaves an orphan object,
+ * destroyed at the next start.  Allowed on a disabled key.
+ * P11KMS_ERR_KEY_NOT_FOUND, P11KMS_ERR_BAD_REQUEST (name). */
+p11kms_status kms_key_rotate(kms_core *core, const char *name, kms_key_rec **out);
+
+/* Enable or disable key `name`; *out (may be NULL) receives the key.  A
+ * disabled key issues and decrypts nothing (P11KMS_ERR_KEY_DISABLED); its
+ * DEKs are untouched. */
+p11kms_status kms_key_set_enabled(kms_core *core, const char *name, int enabled,
+                                  kms_key_rec **out);
+
+/* Set min_decrypt_version (0: unchanged; else 1..latest_version, else
+ * P11KMS_ERR_BAD_REQUEST) and/or rotation_period in seconds (-1:
+ * unchanged; 0: off; at most KMS_ROTATION_PERIOD_MAX). */
+#define KMS_ROTATION_PERIOD_MAX (INT64_C(3650) * 86400) /* ten years */
+p11kms_status kms_key_configure(kms_core *core, const char *name, uint32_t min_decrypt_version,
+                                int64_t rotation_period, kms_key_rec **out);
+
+/* Parse a rotation period: "<n>d", "<n>h", "<n>m", "<n>s" (n a positive
+ * decimal without sign or leading zero) or "0" (off), at most
+ * KMS_ROTATION_PERIOD_MAX seconds.  -1 when malformed. */
+int64_t kms_rotation_period_parse(const char *s);
+
+/* Rewrap the DEKs of key `name` that still hold a wrapped copy (active
+ * and revoked ones) on a version below the latest: each is unwrapped
+ * under its version (AAD with that version) and wrapped under the latest
+ * (AAD with the new version) inside the token; the plaintext never leaves
+ * this function and is wiped at once.  Works in batches of at most
+ * KMS_REWRAP_BATCH DEKs: one store read, the token work (spread over a few
+ * threads), one store write that moves each DEK only if it is unchanged.
+ * max = 0 rewraps everything (one pass in id order, committing batch by
+ * batch); else at most max DEKs.  Crash-safe at any point: a DEK is either
+ * on its old or its new version, both decryptable.  A DEK that fails to
+ * unwrap is skipped and logged (*failed).  *rewrapped: DEKs moved;
+ * *remaining: DEKs still below the latest version afterwards.
+ * P11KMS_ERR_KEY_NOT_FOUND, P11KMS_ERR_TOKEN_UNAVAILABLE. */
+#define KMS_REWRAP_BATCH 256
+p11kms_status kms_key_rewrap(kms_core *core, const char *name, uint64_t max, uint64_t *rewrapped,
+                             uint64_t *remaining, uint64_t *failed);
+
+/* Retire version `version`: first mark it destroyed in the store, in a
+ * transaction that re-checks that it is not the latest and that no active
+ * or revoked DEK refers to it (P11KMS_ERR_KEY_VERSION_IN_USE otherwise),
+ * then destroy its token object (an interruption between the two is
+ * finished at the next start).  Retiring a destroyed version again
+ * succeeds (and destroys the object if it is still there).
+ * P11KMS_ERR_KEY_NOT_FOUND (key or version unknown). */
+p11kms_status kms_key_retire(kms_core *core, const char *name, uint32_t version,
+                             kms_key_rec **out);
+
+/* Rotate every enabled key whose rotation_period has passed since its
+ * latest version was created (kmsd calls this periodically).  A key that
+ * another caller rotated first is left alone.  *rotated (may be NULL)
+ * receives the number of keys rotated. */
+p11kms_status kms_keys_rotate_due(kms_core *core, int64_t now, size_t *rotated);
+
 /* Generate a DEK under key `key`'s latest version, bound to `context` (a
  * JSON object of string to string, or NULL for the empty context).  The
- * DEK is durable in the store before this returns. */
+ * DEK is durable in the store before this returns.  A latest version that
+ * has wrapped max_wraps_per_version DEKs is rotated first (the store
+ * refuses to count a wrap past the cap, so racing callers never exceed
+ * it: the loser rotates or re-reads and wraps again). */
 p11kms_status kms_dek_generate(kms_core *core, const char *key,
                                const json_t *context, kms_datakey *out);
 
@@ -132,6 +234,63 @@ p11kms_status kms_dek_destroy_bulk(kms_core *core, const char *key, const json_t
 
 /* Wipe a data key (OPENSSL_cleanse). */
 void kms_datakey_clear(kms_datakey *k);
+
+/* ---- the audit log (audit.c; docs/audit.md) ----
+ *
+ * Every operation above appends one audit entry (a rewrap one per
+ * committed batch), allowed or failed: state changes in the same
+ * transaction as the change, the others (decrypt, show, list, and
+ * failures before any write) in an entry of their own that is durable
+ * before the call returns: a successful operation whose entry cannot be
+ * written returns P11KMS_ERR_STORE_UNAVAILABLE and hands out nothing.
+ * kms_core_new creates the audit MAC key in the token on first start. */
+
+/* The principal recorded for the core calls of the calling thread (copied;
+ * NULL or "" = "local").  kmsd's workers set the request's principal. */
+void kms_core_actor_set(const char *principal);
+const char *kms_core_actor(void);
+
+/* Append the entry of a request that never reached an operation: a
+ * refusal (result P11KMS_ERR_FORBIDDEN -> "refused"), by the thread's
+ * actor.  key, dek_id may be NULL.  Returns result, or
+ * P11KMS_ERR_STORE_UNAVAILABLE when result was P11KMS_OK and the entry
+ * could not be written. */
+p11kms_status kms_audit_record(kms_core *core, const char *operation, const char *key,
+                               const char *dek_id, p11kms_status result);
+
+/* Up to limit (0 = KMS_AUDIT_LIST_DEFAULT, at most KMS_AUDIT_LIST_MAX)
+ * entries after seq `after`, oldest first (an "audit.list" entry is
+ * appended first).  *out freed with free(). */
+p11kms_status kms_audit_list(kms_core *core, uint64_t after, size_t limit, kms_audit_entry **out,
+                             size_t *count);
+
+typedef struct kms_audit_report {
+    int ok;             /* 1: every entry verified */
+    uint64_t entries;   /* entries walked */
+    uint64_t first_bad; /* ok == 0: the first entry that fails */
+    char reason[200];
+} kms_audit_report;
+
+/* Walk the whole chain from entry 1 (in pages): sequence without gaps,
+ * each prev_hash the previous hash, each hash recomputed, each group's
+ * HMAC checked by the token, the last entry sealed and equal to the sealed
+ * head.  The report says where it first breaks (docs/audit.md says what
+ * can and cannot be detected).  Updates kms_core_audit_state and appends
+ * an "audit.verify" entry.  P11KMS_ERR_TOKEN_UNAVAILABLE,
+ * P11KMS_ERR_STORE_UNAVAILABLE when it could not look. */
+p11kms_status kms_audit_verify(kms_core *core, kms_audit_report *out);
+
+/* Verify at start: synchronously when the log has at most
+ * KMS_AUDIT_START_SYNC_MAX entries, else on a thread of its own (joined
+ * by kms_core_free).  A broken chain is logged loudly; kmsd keeps
+ * serving. */
+#define KMS_AUDIT_START_SYNC_MAX 200000
+void kms_audit_startup_check(kms_core *core);
+
+/* What the last verification found: "ok" (also before any), "broken". */
+#define KMS_AUDIT_STATE_OK     0
+#define KMS_AUDIT_STATE_BROKEN 1
+int kms_core_audit_state(kms_core *core);
 
 /* ---- encryption context and wrapping format (context.c, aad.c) ---- */
 

@@ -12,7 +12,54 @@ const kms_version_rec *kms_key_find_version(const kms_key_rec *key, uint32_t ver
 /* Write the CKA_LABEL of a key version: "p11kms:<name>:v<version>". */
 void kms_kek_label(const char *name, uint32_t version, char *out, size_t len);
 
-/* A random (version 4) UUID in canonical lowercase text form. */
+/* A time-ordered (version 7: ms timestamp + 74 random bits) UUID in
+ * canonical lowercase text form. */
 p11kms_status kms_uuid_new(char out[KMS_DEK_ID_LEN + 1]);
+
+/* The core's options (after defaults) and test hooks. */
+uint64_t kms_core_max_wraps(const kms_core *core);
+unsigned kms_core_rewrap_threads(const kms_core *core);
+const kms_core_test_hooks *kms_core_hooks(const kms_core *core);
+
+/* Serialise the rotations of this process (held across C_GenerateKey and
+ * the store write; never while holding anything else). */
+void kms_core_rotate_lock(kms_core *core);
+void kms_core_rotate_unlock(kms_core *core);
+
+/* Rotate key `name` only if its latest version is still expected_latest:
+ * under kms_core_rotate_lock, re-read the key (another thread of this
+ * process may have rotated it meanwhile: then nothing is created), create
+ * the object, record it with the store's compare-and-set (which settles
+ * races with other processes and nodes).  expected_latest 0: from the
+ * latest version read under the lock (an explicit rotate).
+ * *rotated: the new version, or 0 when latest had moved (the fresh
+ * object is then destroyed).  The "key.rotate" audit entry commits with
+ * the new version: audit is the caller's entry (an explicit rotate, which
+ * settles it), or NULL for an automatic rotation (its own entry, written
+ * only with the version). */
+p11kms_status kms_key_rotate_from(kms_core *core, const char *name, uint32_t expected_latest,
+                                  uint32_t *rotated, kms_audit_entry *audit);
+
+/* ---- audit (audit.c) ---- */
+
+/* An entry of `operation` by the thread's actor, its result to be taken
+ * from the store write it is attached to (result_from_write). */
+void kms_audit_entry_init(kms_audit_entry *e, const char *operation, const char *key,
+                          uint32_t version, const char *dek_id);
+
+/* The end of every operation: unless e was committed with a write, append
+ * it alone with outcome rv.  Returns rv, or STORE_UNAVAILABLE when rv was
+ * P11KMS_OK and the entry could not be written (fail closed). */
+p11kms_status kms_audit_settle(kms_core *core, kms_audit_entry *e, p11kms_status rv);
+
+/* Get or create the MAC key (id receives its CKA_ID) and attach the MAC
+ * callback to the store. */
+p11kms_status kms_audit_open(kms_core *core, unsigned char id[KMS_TOKEN_ID_LEN]);
+
+/* kms_audit_verify without its own entry (start-up check). */
+p11kms_status kms_audit_verify_chain(kms_core *core, kms_audit_report *out);
+
+const unsigned char *kms_core_audit_key_id(const kms_core *core);
+void kms_core_audit_state_set(kms_core *core, int state);
 
 #endif

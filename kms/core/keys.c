@@ -25,8 +25,10 @@ p11kms_status kms_key_create(kms_core *core, const char *name, kms_key_rec **out
     unsigned char id[P11_KEK_ID_LEN];
     char label[KMS_NAME_MAX + 32];
     int created_object = 0;
+    kms_audit_entry ae;
     CK_RV crv;
 
+    kms_audit_entry_init(&ae, "key.create", kms_key_name_valid(name) ? name : NULL, 1, NULL);
     if (!kms_key_name_valid(name)) {
         rv = P11KMS_ERR_BAD_REQUEST;
         goto out;
@@ -45,13 +47,16 @@ p11kms_status kms_key_create(kms_core *core, const char *name, kms_key_rec **out
         goto out;
     }
     created_object = 1;
-    rv = kms_store_key_create(kms_core_store(core), name, id, (int64_t)time(NULL));
+    rv = kms_store_key_create_audited(kms_core_store(core), name, id, (int64_t)time(NULL), &ae, 1);
     if (rv != P11KMS_OK)
         goto out;
     created_object = 0;
     LOG_INFO("core", "created key %s version 1", name);
     rv = kms_store_key_get(kms_core_store(core), name, out);
 out:
+    if (rv != P11KMS_OK && !ae.committed)
+        ae.version = 0;
+    rv = kms_audit_settle(core, &ae, rv);
     if (created_object) {
         crv = p11_kek_destroy(kms_core_token(core), id);
         if (crv != CKR_OK)
@@ -65,12 +70,37 @@ out:
 
 p11kms_status kms_key_show(kms_core *core, const char *name, kms_key_rec **out)
 {
-    if (!kms_key_name_valid(name))
-        return P11KMS_ERR_BAD_REQUEST;
-    return kms_store_key_get(kms_core_store(core), name, out);
+    p11kms_status rv = P11KMS_ERR_BAD_REQUEST;
+    kms_key_rec *k = NULL;
+    kms_audit_entry ae;
+
+    kms_audit_entry_init(&ae, "key.show", kms_key_name_valid(name) ? name : NULL, 0, NULL);
+    if (kms_key_name_valid(name))
+        rv = kms_store_key_get(kms_core_store(core), name, &k);
+    rv = kms_audit_settle(core, &ae, rv);
+    if (rv == P11KMS_OK) {
+        *out = k;
+        k = NULL;
+    }
+    kms_key_rec_free(k);
+    return rv;
 }
 
 p11kms_status kms_key_list(kms_core *core, kms_key_rec ***out, size_t *count)
 {
-    return kms_store_key_list(kms_core_store(core), out, count);
+    p11kms_status rv;
+    kms_key_rec **keys = NULL;
+    size_t n = 0;
+    kms_audit_entry ae;
+
+    kms_audit_entry_init(&ae, "key.list", NULL, 0, NULL);
+    rv = kms_store_key_list(kms_core_store(core), &keys, &n);
+    rv = kms_audit_settle(core, &ae, rv);
+    if (rv == P11KMS_OK) {
+        *out = keys;
+        *count = n;
+        keys = NULL;
+    }
+    kms_key_list_free(keys, n);
+    return rv;
 }

@@ -15,6 +15,7 @@
  * No state, no locks; no key material passes through this file (records
  * handed out have their wrapped bytes wiped).
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -48,13 +49,41 @@ out:
     return rv;
 }
 
+/* The key and version of DEK dek_id into the entry (when it exists). */
+static void entry_of_dek(kms_core *core, kms_audit_entry *ae, const char *dek_id)
+{
+    kms_dek_rec *d = NULL;
+
+    if (kms_dek_id_valid(dek_id) && dek_get_meta(core, dek_id, &d) == P11KMS_OK) {
+        snprintf(ae->key, sizeof(ae->key), "%s", d->key);
+        ae->version = d->version;
+    }
+    kms_dek_rec_free(d);
+}
+
 p11kms_status kms_dek_show(kms_core *core, const char *dek_id, kms_dek_rec **out)
 {
+    p11kms_status rv = P11KMS_ERR_BAD_REQUEST;
+    kms_dek_rec *d = NULL;
+    kms_audit_entry ae;
+
     if (core == NULL || out == NULL)
-        return P11KMS_ERR_BAD_REQUEST;
-    if (!kms_dek_id_valid(dek_id))
-        return P11KMS_ERR_DEK_NOT_FOUND;
-    return dek_get_meta(core, dek_id, out);
+        return rv;
+    kms_audit_entry_init(&ae, "datakey.show", NULL, 0, kms_dek_id_valid(dek_id) ? dek_id : NULL);
+    rv = P11KMS_ERR_DEK_NOT_FOUND;
+    if (kms_dek_id_valid(dek_id))
+        rv = dek_get_meta(core, dek_id, &d);
+    if (d != NULL) {
+        snprintf(ae.key, sizeof(ae.key), "%s", d->key);
+        ae.version = d->version;
+    }
+    rv = kms_audit_settle(core, &ae, rv);
+    if (rv == P11KMS_OK) {
+        *out = d;
+        d = NULL;
+    }
+    kms_dek_rec_free(d);
+    return rv;
 }
 
 p11kms_status kms_dek_list(kms_core *core, const char *key, int state, const char *cursor,
@@ -65,9 +94,11 @@ p11kms_status kms_dek_list(kms_core *core, const char *key, int state, const cha
     kms_dek_rec **deks = NULL;
     size_t n = 0;
     int more = 0;
+    kms_audit_entry ae;
 
     if (core == NULL || out == NULL || count == NULL || next == NULL)
-        goto out;
+        return rv;
+    kms_audit_entry_init(&ae, "datakey.list", kms_key_name_valid(key) ? key : NULL, 0, NULL);
     if (!kms_key_name_valid(key) || state < -1 || state > KMS_DEK_DESTROYED ||
         limit > KMS_DEK_LIST_MAX)
         goto out;
@@ -78,13 +109,16 @@ p11kms_status kms_dek_list(kms_core *core, const char *key, int state, const cha
     rv = kms_store_dek_list(kms_core_store(core), key, state, cursor, limit, &deks, &n, &more);
     if (rv != P11KMS_OK)
         goto out;
-    next[0] = '\0';
-    if (more && n > 0)
-        memcpy(next, deks[n - 1]->id, KMS_DEK_ID_LEN + 1);
-    *out = deks;
-    *count = n;
-    deks = NULL;
 out:
+    rv = kms_audit_settle(core, &ae, rv);
+    if (rv == P11KMS_OK) {
+        next[0] = '\0';
+        if (more && n > 0)
+            memcpy(next, deks[n - 1]->id, KMS_DEK_ID_LEN + 1);
+        *out = deks;
+        *count = n;
+        deks = NULL;
+    }
     kms_dek_list_free(deks, n);
     return rv;
 }
@@ -93,39 +127,48 @@ p11kms_status kms_dek_revoke(kms_core *core, const char *dek_id, kms_revoke_reas
                              kms_dek_rec **out)
 {
     p11kms_status rv = P11KMS_ERR_BAD_REQUEST;
+    kms_audit_entry ae;
 
-    if (core == NULL || kms_revoke_reason_name(reason) == NULL)
+    if (core == NULL)
+        return rv;
+    kms_audit_entry_init(&ae, "datakey.revoke", NULL, 0, kms_dek_id_valid(dek_id) ? dek_id : NULL);
+    if (kms_revoke_reason_name(reason) == NULL)
         goto out;
     rv = P11KMS_ERR_DEK_NOT_FOUND;
     if (!kms_dek_id_valid(dek_id))
         goto out;
-    rv = kms_store_dek_revoke(kms_core_store(core), dek_id, reason, (int64_t)time(NULL));
+    entry_of_dek(core, &ae, dek_id);
+    rv = kms_store_dek_revoke_audited(kms_core_store(core), dek_id, reason, (int64_t)time(NULL),
+                                      &ae, 1);
     if (rv != P11KMS_OK)
         goto out;
     LOG_INFO("core", "data key %s revoked (%s)", dek_id, kms_revoke_reason_name(reason));
     if (out != NULL)
         rv = dek_get_meta(core, dek_id, out);
 out:
-    return rv;
+    return kms_audit_settle(core, &ae, rv);
 }
 
 p11kms_status kms_dek_destroy(kms_core *core, const char *dek_id, kms_dek_rec **out)
 {
     p11kms_status rv = P11KMS_ERR_BAD_REQUEST;
+    kms_audit_entry ae;
 
     if (core == NULL)
-        goto out;
+        return rv;
+    kms_audit_entry_init(&ae, "datakey.destroy", NULL, 0, kms_dek_id_valid(dek_id) ? dek_id : NULL);
     rv = P11KMS_ERR_DEK_NOT_FOUND;
     if (!kms_dek_id_valid(dek_id))
         goto out;
-    rv = kms_store_dek_destroy(kms_core_store(core), dek_id, (int64_t)time(NULL));
+    entry_of_dek(core, &ae, dek_id);
+    rv = kms_store_dek_destroy_audited(kms_core_store(core), dek_id, (int64_t)time(NULL), &ae, 1);
     if (rv != P11KMS_OK)
         goto out;
     LOG_INFO("core", "data key %s destroyed: its wrapped copy is erased", dek_id);
     if (out != NULL)
         rv = dek_get_meta(core, dek_id, out);
 out:
-    return rv;
+    return kms_audit_settle(core, &ae, rv);
 }
 
 /* The canonical form of a bulk filter; refuses the empty context. */
@@ -153,14 +196,18 @@ p11kms_status kms_dek_revoke_bulk(kms_core *core, const char *key, const json_t 
     p11kms_status rv = P11KMS_ERR_BAD_REQUEST;
     char *filter = NULL;
     uint64_t n = 0;
+    kms_audit_entry ae;
 
-    if (core == NULL || count == NULL || kms_revoke_reason_name(reason) == NULL)
+    if (core == NULL || count == NULL)
+        return rv;
+    kms_audit_entry_init(&ae, "datakey.bulk_revoke", kms_key_name_valid(key) ? key : NULL, 0, NULL);
+    if (kms_revoke_reason_name(reason) == NULL)
         goto out;
     rv = bulk_filter(key, context, &filter);
     if (rv != P11KMS_OK)
         goto out;
-    rv = kms_store_dek_revoke_bulk(kms_core_store(core), key, filter, reason, (int64_t)time(NULL),
-                                   &n);
+    rv = kms_store_dek_revoke_bulk_audited(kms_core_store(core), key, filter, reason,
+                                           (int64_t)time(NULL), &n, &ae, 1);
     if (rv != P11KMS_OK)
         goto out;
     LOG_INFO("core", "bulk revoke (%s) on key %s: %llu data keys revoked",
@@ -168,7 +215,7 @@ p11kms_status kms_dek_revoke_bulk(kms_core *core, const char *key, const json_t 
     *count = n;
 out:
     free(filter);
-    return rv;
+    return kms_audit_settle(core, &ae, rv);
 }
 
 p11kms_status kms_dek_destroy_bulk(kms_core *core, const char *key, const json_t *context,
@@ -177,13 +224,17 @@ p11kms_status kms_dek_destroy_bulk(kms_core *core, const char *key, const json_t
     p11kms_status rv = P11KMS_ERR_BAD_REQUEST;
     char *filter = NULL;
     uint64_t n = 0;
+    kms_audit_entry ae;
 
     if (core == NULL || count == NULL)
-        goto out;
+        return rv;
+    kms_audit_entry_init(&ae, "datakey.bulk_destroy", kms_key_name_valid(key) ? key : NULL, 0,
+                         NULL);
     rv = bulk_filter(key, context, &filter);
     if (rv != P11KMS_OK)
         goto out;
-    rv = kms_store_dek_destroy_bulk(kms_core_store(core), key, filter, (int64_t)time(NULL), &n);
+    rv = kms_store_dek_destroy_bulk_audited(kms_core_store(core), key, filter, (int64_t)time(NULL),
+                                            &n, &ae, 1);
     if (rv != P11KMS_OK)
         goto out;
     LOG_INFO("core", "bulk destroy on key %s: %llu data keys destroyed", key,
@@ -191,5 +242,5 @@ p11kms_status kms_dek_destroy_bulk(kms_core *core, const char *key, const json_t
     *count = n;
 out:
     free(filter);
-    return rv;
+    return kms_audit_settle(core, &ae, rv);
 }

@@ -12,12 +12,14 @@
 #include <errno.h>
 #include <limits.h>
 #include <stdarg.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <sys/un.h>
 
+#include <libpq-fe.h>
 #include <p11-kit/uri.h>
 
 enum kind { K_STR, K_PATH, K_MODULE, K_INT, K_MODE, K_URI, K_BACKEND };
@@ -54,6 +56,8 @@ static const key_def keys[] = {
     {"server", "max_body", K_INT, STR_FIELD(max_body), 64, 64 * 1024 * 1024},
     {"server", "timeout", K_INT, STR_FIELD(timeout), 1, 3600},
     {"server", "max_connections", K_INT, STR_FIELD(max_connections), 1, 1000000},
+    {"server", "rotation_check_interval", K_INT, STR_FIELD(rotation_check_interval), 1, 86400},
+    {"server", "max_wraps_per_version", K_INT, STR_FIELD(max_wraps_per_version), 1, 1L << 30},
 };
 #define N_KEYS (sizeof(keys) / sizeof(keys[0]))
 
@@ -293,6 +297,71 @@ static p11kms_status check_file(parser *p, int line, const char *what, const cha
     return P11KMS_OK;
 }
 
+int kms_config_split_hostport(const char *v, char *host, size_t hostlen, char *port, size_t portlen)
+{
+    const char *colon, *h = v;
+    size_t hlen;
+    long n = 0;
+
+    if (v[0] == '[') { /* [v6]:port */
+        const char *close = strchr(v, ']');
+        if (close == NULL || close[1] != ':')
+            return -1;
+        h = v + 1;
+        hlen = (size_t)(close - h);
+        colon = close + 1;
+    } else {
+        colon = strrchr(v, ':');
+        if (colon == NULL || memchr(v, ':', (size_t)(colon - v)) != NULL)
+            return -1;
+        hlen = (size_t)(colon - v);
+    }
+    if (hlen == 0 || hlen >= hostlen || colon[1] == '\0' || strlen(colon + 1) >= portlen)
+        return -1;
+    for (const char *c = colon + 1; *c != '\0'; c++) {
+        if (*c < '0' || *c > '9' || (n = n * 10 + (*c - '0')) > 65535)
+            return -1;
+    }
+    if (n < 1)
+        return -1;
+    memcpy(host, h, hlen);
+    host[hlen] = '\0';
+    snprintf(port, portlen, "%s", colon + 1);
+    return 0;
+}
+
+/* listen.tls, tls_cert, tls_key and tls_client_ca come together. */
+static p11kms_status check_tls(parser *p, kms_config *cfg)
+{
+    static const char *const names[] = {"tls", "tls_cert", "tls_key", "tls_client_ca"};
+    const char *values[] = {cfg->listen_tls, cfg->tls_cert, cfg->tls_key, cfg->tls_client_ca};
+    char host[256], port[16];
+    int set = 0;
+    p11kms_status rv;
+
+    for (size_t i = 0; i < 4; i++)
+        set += values[i] != NULL;
+    if (set == 0)
+        return P11KMS_OK;
+    for (size_t i = 0; i < 4; i++)
+        if (values[i] == NULL)
+            return fail(p, blame_line(p, cfg, "listen"),
+                        "missing required key listen.%s (listen.tls, tls_cert, tls_key and "
+                        "tls_client_ca go together)",
+                        names[i]);
+    if (kms_config_split_hostport(cfg->listen_tls, host, sizeof(host), port, sizeof(port)) != 0)
+        return fail(p, cfg->line_tls, "listen.tls: expected host:port or [v6]:port, not '%s'",
+                    cfg->listen_tls);
+    if ((rv = check_file(p, p->key_line[key_index("listen", "tls_cert")], "listen.tls_cert",
+                         cfg->tls_cert, 0)) != P11KMS_OK ||
+        (rv = check_file(p, p->key_line[key_index("listen", "tls_key")], "listen.tls_key",
+                         cfg->tls_key, 1)) != P11KMS_OK ||
+        (rv = check_file(p, p->key_line[key_index("listen", "tls_client_ca")],
+                         "listen.tls_client_ca", cfg->tls_client_ca, 0)) != P11KMS_OK)
+        return rv;
+    return P11KMS_OK;
+}
+
 static p11kms_status check_all(parser *p, kms_config *cfg)
 {
     p11kms_status rv;
@@ -327,7 +396,7 @@ static p11kms_status check_all(parser *p, kms_config *cfg)
         (rv = check_file(p, p->key_line[key_index("policy", "file")], "policy.file",
                          cfg->policy_file, 0)) != P11KMS_OK)
         return rv;
-    return P11KMS_OK;
+    return check_tls(p, cfg);
 }
 
 static void set_defaults(kms_config *cfg)
@@ -340,14 +409,19 @@ static void set_defaults(kms_config *cfg)
     cfg->max_body = 65536;
     cfg->timeout = 30;
     cfg->max_connections = 1024;
+    cfg->rotation_check_interval = 60;
+    cfg->max_wraps_per_version = 1 << 30;
 }
 
-p11kms_status kms_config_load(const char *path, kms_config **out, char *err, size_t errlen)
+/* The parse shared by kms_config_load and kms_config_parse_buffer: `path`
+ * names the text in errors and anchors relative paths; f (closed here) is
+ * read to its end, or is NULL when it could not be opened (open_errno). */
+static p11kms_status config_read(const char *path, FILE *f, int open_errno, kms_config **out,
+                                 char *err, size_t errlen)
 {
     p11kms_status rv = P11KMS_ERR_NO_MEMORY;
     kms_config *cfg = NULL;
     parser p;
-    FILE *f = NULL;
     char *line = NULL, *slash, *abs_dir;
     size_t cap = 0;
     int lineno = 0, section = -1;
@@ -374,9 +448,8 @@ p11kms_status kms_config_load(const char *path, kms_config **out, char *err, siz
         cfg->dir = abs_dir;
     }
     set_defaults(cfg);
-    f = fopen(path, "r");
     if (f == NULL) {
-        rv = fail(&p, 0, "cannot open: %s", strerror(errno));
+        rv = fail(&p, 0, "cannot open: %s", strerror(open_errno));
         goto out;
     }
     while (getline(&line, &cap, f) >= 0) {
@@ -404,17 +477,47 @@ out:
     return rv;
 }
 
+p11kms_status kms_config_load(const char *path, kms_config **out, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "r");
+
+    return config_read(path, f, f == NULL ? errno : 0, out, err, errlen);
+}
+
+p11kms_status kms_config_parse_buffer(const char *text, size_t len, const char *name,
+                                      kms_config **out, char *err, size_t errlen)
+{
+    static char empty[1];
+    /* fmemopen reads the buffer as a file: the very same line loop as
+     * kms_config_load (an empty text is an empty stream). */
+    FILE *f = fmemopen(len > 0 ? (void *)(uintptr_t)text : empty, len, "r");
+
+    if (f == NULL && errno != ENOMEM)
+        return config_read(name, NULL, errno, out, err, errlen);
+    if (f == NULL) {
+        if (errlen > 0)
+            snprintf(err, errlen, "%s: out of memory", name);
+        return P11KMS_ERR_NO_MEMORY;
+    }
+    return config_read(name, f, 0, out, err, errlen);
+}
+
 p11kms_status kms_config_check_supported(const kms_config *cfg, char *err, size_t errlen)
 {
-    if (cfg->listen_tls != NULL) {
-        snprintf(err, errlen, "%s:%d: listen.tls: TLS listener not implemented yet", cfg->file,
-                 cfg->line_tls);
-        return P11KMS_ERR_BAD_REQUEST;
-    }
-    if (strcmp(cfg->store_backend, "postgres") == 0) {
-        snprintf(err, errlen, "%s:%d: store.backend: postgres backend not available yet", cfg->file,
-                 cfg->line_backend);
-        return P11KMS_ERR_BAD_REQUEST;
+    PQconninfoOption *opts = NULL;
+    char *why = NULL;
+
+    /* store.backend = postgres: the url must parse as a libpq connection
+     * string (whether the server answers is the store's business). */
+    if (strcmp(cfg->store_backend, "postgres") == 0 && cfg->store_url != NULL) {
+        opts = PQconninfoParse(cfg->store_url, &why);
+        if (opts == NULL) {
+            snprintf(err, errlen, "%s:%d: store.url: not a libpq connection string: %s",
+                     cfg->file, cfg->line_backend, why != NULL ? why : "out of memory");
+            PQfreemem(why);
+            return P11KMS_ERR_BAD_REQUEST;
+        }
+        PQconninfoFree(opts);
     }
     return P11KMS_OK;
 }

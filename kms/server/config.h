@@ -36,7 +36,7 @@ typedef struct kms_config {
     /* [listen] */
     char *listen_unix; /* socket path */
     mode_t unix_mode;  /* default 0600 */
-    char *listen_tls;  /* host:port; not implemented yet */
+    char *listen_tls;  /* host:port or [v6]:port; with the three below */
     char *tls_cert, *tls_key, *tls_client_ca;
 
     /* [policy] */
@@ -49,6 +49,8 @@ typedef struct kms_config {
     int max_body;        /* bytes, default 65536 */
     int timeout;         /* seconds, default 30 */
     int max_connections; /* default 1024 */
+    int rotation_check_interval; /* seconds between rotation-period checks, default 60 */
+    int max_wraps_per_version;   /* wrap cap per key version, 1..2^30, default 2^30 */
 
     /* line numbers, for errors found after parsing (0: not set) */
     int line_backend, line_tls, line_pin_file, line_last;
@@ -60,8 +62,20 @@ typedef struct kms_config {
  * P11KMS_ERR_BAD_REQUEST (P11KMS_ERR_NO_MEMORY when out of memory). */
 p11kms_status kms_config_load(const char *path, kms_config **out, char *err, size_t errlen);
 
-/* Refuse what the parser accepts but this release does not implement:
- * listen.tls and store.backend = postgres.  P11KMS_ERR_BAD_REQUEST with
+/* The same parse over text[0..len) (need not be NUL-terminated; a NUL
+ * byte ends its line, as in a file): `name` stands for the file's path in
+ * errors and relative paths.  Files named by the text (pin_file, policy
+ * file, TLS files) are still checked on disk.  For tests and fuzzing. */
+p11kms_status kms_config_parse_buffer(const char *text, size_t len, const char *name,
+                                      kms_config **out, char *err, size_t errlen);
+
+/* Split "host:port" or "[v6]:port" (port 1..65535).  0, or -1 when
+ * malformed or too long for the buffers. */
+int kms_config_split_hostport(const char *v, char *host, size_t hostlen, char *port,
+                              size_t portlen);
+
+/* Checks that need more than the parser: store.url (backend = postgres)
+ * must be a libpq connection string.  P11KMS_ERR_BAD_REQUEST with
  * "FILE:LINE: reason" in err. */
 p11kms_status kms_config_check_supported(const kms_config *cfg, char *err, size_t errlen);
 

@@ -16,6 +16,8 @@
 #include <strings.h>
 
 #include <event2/buffer.h>
+#include <event2/http.h>
+#include <openssl/crypto.h>
 
 #define TARGET_MAX 4096
 
@@ -47,15 +49,24 @@ static int method_takes_body(const char *m)
     return strcmp(m, "POST") == 0 || strcmp(m, "PUT") == 0 || strcmp(m, "PATCH") == 0;
 }
 
+/* An origin-form target ("/path?query") that evhttp parses too: a target
+ * evhttp cannot parse would get its HTML 400, and "//host/path" would be
+ * read by evhttp as an authority plus another path (found by
+ * tests/fuzz/fuzz_http_request.c). */
 static int target_ok(const char *t)
 {
     size_t n = strlen(t);
+    struct evhttp_uri *uri;
 
-    if (n == 0 || n > TARGET_MAX || t[0] != '/')
+    if (n == 0 || n > TARGET_MAX || t[0] != '/' || t[1] == '/')
         return 0;
     for (size_t i = 0; i < n; i++)
         if ((unsigned char)t[i] <= 0x20 || (unsigned char)t[i] >= 0x7f)
             return 0;
+    uri = evhttp_uri_parse_with_flags(t, EVHTTP_URI_NONCONFORMANT);
+    if (uri == NULL)
+        return 0;
+    evhttp_uri_free(uri);
     return 1;
 }
 
@@ -90,9 +101,50 @@ typedef struct head_info {
     const char *refuse; /* reason, NULL when fine */
 } head_info;
 
+/* "METHOD SP /target SP HTTP/1.x" (line without its CR LF): fills h, or
+ * sets h->refuse.  Also used on a first line whose head is not complete. */
+static void parse_request_line(char *line, head_info *h)
+{
+    char *sp1 = strchr(line, ' ');
+    char *sp2 = sp1 != NULL ? strchr(sp1 + 1, ' ') : NULL;
+
+    if (sp1 == NULL || sp2 == NULL || strchr(sp2 + 1, ' ') != NULL ||
+        (size_t)(sp1 - line) >= sizeof(h->method)) {
+        h->refuse = KMS_FRAMING_MALFORMED;
+        return;
+    }
+    *sp1 = *sp2 = '\0';
+    if (!target_ok(sp1 + 1) ||
+        (strcmp(sp2 + 1, "HTTP/1.1") != 0 && strcmp(sp2 + 1, "HTTP/1.0") != 0)) {
+        h->refuse = KMS_FRAMING_MALFORMED;
+        return;
+    }
+    snprintf(h->method, sizeof(h->method), "%s", line);
+    snprintf(h->target, sizeof(h->target), "%s", sp1 + 1);
+    h->have_line = 1;
+    if (!method_known(h->method))
+        h->refuse = KMS_FRAMING_METHOD;
+}
+
+/* RFC 9110 field names are tokens; values hold no control byte but HTAB.
+ * A name with a blank before the colon, a bare CR or a NUL would be read
+ * one way here and another way by evhttp (request smuggling), so they are
+ * refused (found by tests/test_kmsd_malformed.c). */
+static int header_ok(const char *name, const char *value)
+{
+    for (const char *c = name; *c != '\0'; c++)
+        if (!((*c >= 'a' && *c <= 'z') || (*c >= 'A' && *c <= 'Z') || (*c >= '0' && *c <= '9') ||
+              strchr("!#$%&'*+-.^_`|~", *c) != NULL))
+            return 0;
+    for (const unsigned char *c = (const unsigned char *)value; *c != '\0'; c++)
+        if ((*c < 0x20 && *c != '\t') || *c == 0x7f)
+            return 0;
+    return 1;
+}
+
 static void parse_head(char *head, size_t max_body, head_info *h)
 {
-    char *save = NULL, *line, *sp1, *sp2;
+    char *save = NULL, *line;
     int first = 1;
 
     h->content_length = -1;
@@ -104,24 +156,9 @@ static void parse_head(char *head, size_t max_body, head_info *h)
             line[--n] = '\0';
         if (first) {
             first = 0;
-            sp1 = strchr(line, ' ');
-            sp2 = sp1 != NULL ? strchr(sp1 + 1, ' ') : NULL;
-            if (sp1 == NULL || sp2 == NULL || strchr(sp2 + 1, ' ') != NULL ||
-                (size_t)(sp1 - line) >= sizeof(h->method)) {
-                h->refuse = KMS_FRAMING_MALFORMED;
+            parse_request_line(line, h);
+            if (!h->have_line)
                 return;
-            }
-            *sp1 = *sp2 = '\0';
-            if (!target_ok(sp1 + 1) ||
-                (strcmp(sp2 + 1, "HTTP/1.1") != 0 && strcmp(sp2 + 1, "HTTP/1.0") != 0)) {
-                h->refuse = KMS_FRAMING_MALFORMED;
-                return;
-            }
-            snprintf(h->method, sizeof(h->method), "%s", line);
-            snprintf(h->target, sizeof(h->target), "%s", sp1 + 1);
-            h->have_line = 1;
-            if (!method_known(h->method))
-                h->refuse = KMS_FRAMING_METHOD;
             continue;
         }
         if (n == 0)
@@ -138,6 +175,10 @@ static void parse_head(char *head, size_t max_body, head_info *h)
         end = value + strlen(value);
         while (end > value && (end[-1] == ' ' || end[-1] == '\t'))
             *--end = '\0';
+        if (!header_ok(line, value)) {
+            h->refuse = KMS_FRAMING_MALFORMED;
+            return;
+        }
         if (strcasecmp(line, KMS_FRAMING_HEADER) == 0) {
             h->refuse = KMS_FRAMING_MALFORMED;
             return;
@@ -163,6 +204,8 @@ static void parse_head(char *head, size_t max_body, head_info *h)
             h->expect_continue = strcasecmp(value, "100-continue") == 0;
         }
     }
+    if (!h->have_line && h->refuse == NULL)
+        h->refuse = KMS_FRAMING_MALFORMED; /* no request line at all */
     if (h->refuse != NULL)
         return;
     if (h->content_length > 0 && !method_takes_body(h->method))
@@ -206,7 +249,12 @@ static int on_head(framing *f, struct evbuffer *src, struct evbuffer *dst, size_
         } else {
             evbuffer_copyout(src, head, len);
             head[len] = '\0';
-            parse_head(head, f->max_body, &h);
+            /* A NUL would end the text parse_head reads but not evhttp's
+             * lines: refuse it rather than disagree about the framing. */
+            if (memchr(head, '\0', len) != NULL)
+                h.refuse = KMS_FRAMING_MALFORMED;
+            else
+                parse_head(head, f->max_body, &h);
             if (f->refuse_all != NULL && h.refuse == NULL)
                 h.refuse = f->refuse_all;
         }
@@ -245,9 +293,46 @@ static int on_head(framing *f, struct evbuffer *src, struct evbuffer *dst, size_
     emitted = 1;
     f->state = ST_DISCARD;
 out:
-    free(head);
+    if (head != NULL) { /* it may hold an Authorization header */
+        OPENSSL_cleanse(head, len + 1);
+        free(head);
+    }
     free(syn);
     return emitted;
+}
+
+/* While a head is incomplete: 0 when what came of its first line can
+ * never be a request line (binary such as a TLS hello, a control byte, an
+ * over-long method, an HTTP/0.9 "GET /path" line), so that it is refused
+ * at once instead of waiting for an empty line that may never come. */
+static int first_line_may_be_valid(struct evbuffer *src)
+{
+    char line[sizeof(((head_info *)0)->method) + TARGET_MAX + 16];
+    size_t n, i;
+    ev_ssize_t got = evbuffer_copyout(src, line, sizeof(line) - 1);
+    head_info h;
+
+    if (got <= 0)
+        return 1;
+    n = (size_t)got;
+    for (i = 0; i < n && line[i] != '\n'; i++) {
+        unsigned char c = (unsigned char)line[i];
+        if (c == '\r' && (i + 1 == n || line[i + 1] == '\n'))
+            continue; /* CR LF, or a CR whose LF is on its way */
+        if (c < 0x20 || c >= 0x7f || (c == ' ' && i == 0))
+            return 0;
+    }
+    if (i == n) /* no line end yet: the method must end within 16 bytes */
+        return n < sizeof(line) - 1 &&
+               (n < sizeof(h.method) || memchr(line, ' ', sizeof(h.method)) != NULL);
+    if (i > 0 && line[i - 1] == '\r')
+        i--;
+    if (i == 0)
+        return 0; /* an empty first line (parse_head refuses it too) */
+    line[i] = '\0';
+    memset(&h, 0, sizeof(h));
+    parse_request_line(line, &h);
+    return h.have_line;
 }
 
 static enum bufferevent_filter_result framing_in(struct evbuffer *src, struct evbuffer *dst,
@@ -295,6 +380,8 @@ static enum bufferevent_filter_result framing_in(struct evbuffer *src, struct ev
         if (n == 0) {
             if (avail > f->max_head)
                 emitted |= on_head(f, src, dst, avail, KMS_FRAMING_HEAD_TOO_LARGE);
+            else if (!first_line_may_be_valid(src))
+                emitted |= on_head(f, src, dst, avail, KMS_FRAMING_MALFORMED);
             break;
         }
         if (n > f->max_head) {
@@ -321,7 +408,17 @@ static void framing_free(void *arg)
 struct bufferevent *kms_framing_new(struct event_base *base, size_t max_body, size_t max_head,
                                     const char *refuse_all, void (*on_close)(void *), void *arg)
 {
-    struct bufferevent *under = NULL, *filter = NULL;
+    struct bufferevent *under = bufferevent_socket_new(base, -1, BEV_OPT_CLOSE_ON_FREE);
+
+    if (under == NULL)
+        return NULL;
+    return kms_framing_wrap(under, max_body, max_head, refuse_all, on_close, arg);
+}
+
+struct bufferevent *kms_framing_wrap(struct bufferevent *under, size_t max_body, size_t max_head,
+                                     const char *refuse_all, void (*on_close)(void *), void *arg)
+{
+    struct bufferevent *filter = NULL;
     framing *f = calloc(1, sizeof(*f));
 
     if (f == NULL)
@@ -329,9 +426,6 @@ struct bufferevent *kms_framing_new(struct event_base *base, size_t max_body, si
     f->max_body = max_body;
     f->max_head = max_head;
     f->refuse_all = refuse_all;
-    under = bufferevent_socket_new(base, -1, BEV_OPT_CLOSE_ON_FREE);
-    if (under == NULL)
-        goto out;
     filter =
         bufferevent_filter_new(under, framing_in, NULL, BEV_OPT_CLOSE_ON_FREE, framing_free, f);
     if (filter == NULL)
@@ -345,4 +439,31 @@ out:
         bufferevent_free(under);
     framing_free(f);
     return filter;
+}
+
+size_t kms_framing_feed(const void *data, size_t len, size_t chunk, size_t max_body,
+                        size_t max_head, const char *refuse_all, struct evbuffer *out)
+{
+    framing f;
+    struct evbuffer *src = evbuffer_new();
+    size_t off = 0, n, held = (size_t)-1;
+
+    memset(&f, 0, sizeof(f));
+    f.max_body = max_body;
+    f.max_head = max_head;
+    f.refuse_all = refuse_all;
+    if (src == NULL)
+        return held;
+    do {
+        n = chunk == 0 || len - off < chunk ? len - off : chunk;
+        if (evbuffer_add(src, (const char *)data + off, n) != 0)
+            goto out;
+        off += n;
+        framing_in(src, out, -1, BEV_NORMAL, &f);
+    } while (off < len);
+    held = evbuffer_get_length(src);
+out:
+    free(f.pending);
+    evbuffer_free(src);
+    return held;
 }

@@ -12,7 +12,9 @@
  *     (Content-Length bytes); pipelining and keep-alive keep working;
  *   - a head that must be refused (Content-Length over max_body, any
  *     Transfer-Encoding, a body on a method that takes none, a head over
- *     max_head bytes, folded or malformed headers, an unknown method) is
+ *     max_head bytes, folded or malformed headers -- a field name that is
+ *     not a token, a control byte or NUL anywhere --, a target evhttp
+ *     could not parse, an unknown method) is
  *     replaced by a synthetic bodiless request with the same method and
  *     target (where they were valid) and the header KMS_FRAMING_HEADER
  *     naming the reason.  The request callback answers it with a JSON
@@ -20,6 +22,8 @@
  * read and discarded first (so the client is not cut off mid-upload and never sees a reset);
  * anything else after a refusal is discarded until the connection closes.
  *
+ * A first line that can never be a request line (binary, a control byte,
+ * HTTP/0.9) is refused as soon as it is seen, not after a timeout.
  * A client may not send KMS_FRAMING_HEADER itself (refused as malformed).
  * Memory per connection is bounded by max_head + max_body.  Each filter
  * belongs to one event loop thread; no locking.
@@ -29,6 +33,7 @@
 
 #include <stddef.h>
 
+#include <event2/buffer.h>
 #include <event2/bufferevent.h>
 #include <event2/event.h>
 
@@ -50,5 +55,18 @@
  * NULL when out of memory (on_close is then not called). */
 struct bufferevent *kms_framing_new(struct event_base *base, size_t max_body, size_t max_head,
                                     const char *refuse_all, void (*on_close)(void *), void *arg);
+
+/* The same filter over an existing bufferevent (a TLS one: tls.h), which
+ * it owns from now on, even when it fails (it is then freed). */
+struct bufferevent *kms_framing_wrap(struct bufferevent *under, size_t max_body, size_t max_head,
+                                     const char *refuse_all, void (*on_close)(void *), void *arg);
+
+/* The filter without a connection (tests and tests/fuzz/): run a fresh
+ * filter over data[0..len) delivered in pieces of `chunk` bytes (0: all
+ * at once), appending what evhttp would read to out.  Returns how many
+ * input bytes are still held (an incomplete head), or (size_t)-1 when out
+ * of memory. */
+size_t kms_framing_feed(const void *data, size_t len, size_t chunk, size_t max_body,
+                        size_t max_head, const char *refuse_all, struct evbuffer *out);
 
 #endif

@@ -12,9 +12,21 @@
  * loop.  The reply body goes to libevent by reference with a cleanup that
  * wipes it, so no unwiped copy of a plaintext DEK is left behind.
  *
+ * Principals and policy: on_request computes the principal (uid:<n> with
+ * its groups from SO_PEERCRED/SO_PEERGROUPS, cert:<CN> from tls.c, or
+ * token:<name> from an Authorization: Bearer header, which is wiped and
+ * removed; a bad one is answered 401 at once) and takes a reference to
+ * the policy in force, which the request keeps until finish() even if
+ * SIGHUP installs another meanwhile.  The worker asks authz.c before it
+ * runs the call (a DEK-addressed call needs a store lookup first).
+ *
+ * With listen.tls each loop has a second evhttp on the TLS socket whose
+ * connections are framing filters over a bufferevent_openssl (tls.c).
+ *
  * Shared state between threads: `inflight` and `connections` (atomics),
- * `draining` (atomic).  Everything else belongs to one loop thread or to
- * the control thread.
+ * `draining` (atomic), `policy` (its own lock; policies are immutable).
+ * Everything else belongs to one loop thread or to the control thread
+ * (signals: SIGTERM/SIGINT drain, SIGHUP reloads the policy).
  */
 #include "kms/server/http.h"
 
@@ -26,6 +38,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/queue.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -41,16 +54,26 @@
 #include <event2/listener.h>
 #include <openssl/crypto.h>
 
+#include "kms/policy/policy.h"
+#include "kms/server/authz.h"
 #include "kms/server/framing.h"
+#include "kms/server/metrics.h"
 #include "kms/server/routes.h"
+#include "kms/server/tls.h"
 #include "kms/server/workers.h"
 #include "module/log.h"
+
+#ifndef SO_PEERGROUPS
+#define SO_PEERGROUPS 59
+#endif
 
 typedef struct loop {
     kms_server *srv;
     struct event_base *base;
     struct evhttp *http;
     struct evconnlistener *listener; /* owned by http once bound */
+    struct evhttp *http_tls;         /* listen.tls, or NULL */
+    struct evconnlistener *listener_tls;
     pthread_t thread;
     int started;
 } loop;
@@ -65,8 +88,11 @@ struct kms_server {
     int sock_created;
     loop *loops;
     size_t n_loops;
+    kms_policy_slot policy; /* the policy in force; SIGHUP replaces it */
+    kms_tls *tls;           /* listen.tls, or NULL */
+    int tls_fd;
     struct event_base *control;
-    struct event *ev_term, *ev_int, *ev_drain;
+    struct event *ev_term, *ev_int, *ev_drain, *ev_hup;
     struct timespec drain_start;
     int idle_ticks;
     atomic_long inflight;
@@ -83,9 +109,10 @@ typedef struct pending {
     struct timespec start;
     char method[16];
     char path[200];
-    char principal[32];
-    int close;        /* the client asked for it */
-    char refused[24]; /* framing refusal, for the log */
+    kms_principal who;  /* "unknown" when none */
+    kms_policy *policy; /* a reference to the policy this request is decided by */
+    int close;          /* the client asked for it */
+    char refused[24];   /* framing refusal, for the log */
 } pending;
 
 static const struct {
@@ -114,18 +141,80 @@ static double elapsed_ms(const struct timespec *start)
            (double)(now.tv_nsec - start->tv_nsec) / 1e6;
 }
 
-static void peer_principal(struct evhttp_request *req, char *out, size_t len)
+/* The transport principal: cert:<CN> on TLS, uid:<n> (with its groups)
+ * on the Unix socket.  0, or -1 with who->name "unknown" when the
+ * connection gives no usable identity. */
+static int peer_principal(struct evhttp_request *req, kms_principal *who)
 {
     struct evhttp_connection *con = evhttp_request_get_connection(req);
     struct bufferevent *bev = con != NULL ? evhttp_connection_get_bufferevent(con) : NULL;
+    struct bufferevent *under = bev != NULL ? bufferevent_get_underlying(bev) : NULL;
     evutil_socket_t fd = bev != NULL ? bufferevent_getfd(bev) : -1;
+    gid_t groups[KMS_PRINCIPAL_GROUPS];
+    socklen_t glen = sizeof(groups);
     struct ucred uc;
     socklen_t uclen = sizeof(uc);
+    int tls;
 
-    if (fd >= 0 && getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &uc, &uclen) == 0)
-        snprintf(out, len, "uid:%u", (unsigned)uc.uid);
-    else
-        snprintf(out, len, "unknown");
+    memset(who, 0, sizeof(*who));
+    tls = kms_tls_peer(under, who);
+    if (tls > 0)
+        return 0;
+    if (tls == 0 && fd >= 0 && getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &uc, &uclen) == 0) {
+        snprintf(who->name, sizeof(who->name), "uid:%u", (unsigned)uc.uid);
+        who->unix_peer = 1;
+        who->uid = uc.uid;
+        who->gids[who->n_gids++] = uc.gid;
+        /* Supplementary groups; too many of them: the primary one only. */
+        if (getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups, &glen) == 0)
+            for (size_t i = 0; i < glen / sizeof(gid_t) && who->n_gids < KMS_PRINCIPAL_GROUPS; i++)
+                if (groups[i] != uc.gid)
+                    who->gids[who->n_gids++] = groups[i];
+        return 0;
+    }
+    memset(who, 0, sizeof(*who));
+    snprintf(who->name, sizeof(who->name), "unknown");
+    return -1;
+}
+
+/* An Authorization header replaces the transport principal with the
+ * bearer token's (token:<name>).  Every Authorization value is wiped in
+ * evhttp's copy and removed.  0 (no header, or a known token), -1 for a
+ * bad credential (more than one header, another scheme, unknown token). */
+static int bearer_principal(struct evkeyvalq *hdrs, const kms_policy *pol, kms_principal *who)
+{
+    struct evkeyval *h;
+    const char *value = NULL, *secret;
+    int count = 0, rv = 0;
+
+    TAILQ_FOREACH(h, hdrs, next)
+    {
+        if (strcasecmp(h->key, "Authorization") == 0) {
+            count++;
+            value = h->value;
+        }
+    }
+    if (count == 0)
+        return 0;
+    rv = -1;
+    if (count == 1 && strncasecmp(value, "Bearer ", 7) == 0) {
+        secret = value + 7;
+        while (*secret == ' ')
+            secret++;
+        if (strspn(secret,
+                   "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~+/=") ==
+                strlen(secret) &&
+            kms_policy_token(pol, secret, strlen(secret), who))
+            rv = 0;
+    }
+    TAILQ_FOREACH(h, hdrs, next)
+    {
+        if (strcasecmp(h->key, "Authorization") == 0)
+            OPENSSL_cleanse(h->value, strlen(h->value));
+    }
+    while (evhttp_find_header(hdrs, "Authorization") != NULL)
+        evhttp_remove_header(hdrs, "Authorization");
+    return rv;
 }
 
 static void wipe_body(const void *data, size_t len, void *extra)
@@ -171,14 +260,18 @@ static void finish(pending *p)
     struct evhttp_connection *con = evhttp_request_get_connection(p->req);
     struct bufferevent *bev = con != NULL ? evhttp_connection_get_bufferevent(con) : NULL;
     char retry[16];
+    double ms;
 
-    evhttp_add_header(hdrs, "Content-Type", "application/json");
+    evhttp_add_header(hdrs, "Content-Type",
+                      p->reply.content_type != NULL ? p->reply.content_type : "application/json");
     if (p->reply.allow[0] != '\0')
         evhttp_add_header(hdrs, "Allow", p->reply.allow);
     if (p->reply.retry_after > 0) {
         snprintf(retry, sizeof(retry), "%d", p->reply.retry_after);
         evhttp_add_header(hdrs, "Retry-After", retry);
     }
+    if (p->reply.status == 401)
+        evhttp_add_header(hdrs, "WWW-Authenticate", "Bearer realm=\"p11kms\"");
     if (buf != NULL && p->reply.body != NULL &&
         evbuffer_add_reference(buf, p->reply.body, p->reply.len, wipe_body, NULL) == 0) {
         p->reply.body = NULL; /* libevent owns it now; wipe_body releases it */
@@ -196,13 +289,17 @@ static void finish(pending *p)
         if (p->close || p->reply.close)
             close_after_reply(bev);
     }
-    LOG_INFO("http", "%s %s %d %.2fms %s %s%s", p->method, p->path, p->reply.status,
-             elapsed_ms(&p->start), p->principal, p->refused[0] ? "refused:" : "",
+    ms = elapsed_ms(&p->start);
+    kms_metrics_request(p->call != NULL ? kms_call_name(p->call) : NULL, p->reply.status,
+                        ms > 0 ? (uint64_t)(ms * 1000.0) : 0);
+    LOG_INFO("http", "%s %s %d %.2fms %s %s%s", p->method, p->path, p->reply.status, ms,
+             p->who.name, p->refused[0] ? "refused:" : "",
              p->refused[0] ? p->refused : kms_call_name(p->call));
     if (buf != NULL)
         evbuffer_free(buf);
     kms_reply_clear(&p->reply);
     kms_call_free(p->call);
+    kms_policy_unref(p->policy);
     free(p);
     atomic_fetch_sub(&srv->inflight, 1);
 }
@@ -219,7 +316,18 @@ static void run_job(void *arg)
 {
     pending *p = arg;
 
-    kms_routes_execute(p->loop->srv->core, p->call, &p->reply);
+    kms_core_actor_set(p->who.name); /* the principal of the request's audit entry */
+    if (kms_authz_call(p->loop->srv->core, p->policy, &p->who, p->call, &p->reply)) {
+        if (strcmp(kms_call_name(p->call), "metrics") == 0) { /* GET /metrics: admin */
+            kms_server *srv = p->loop->srv;
+            kms_metrics_gauges g = {kms_workers_pending(srv->workers), atomic_load(&srv->inflight),
+                                    atomic_load(&srv->connections)};
+            kms_metrics_render(srv->core, &g, &p->reply);
+        } else {
+            kms_routes_execute(p->loop->srv->core, p->call, &p->reply);
+        }
+    }
+    kms_core_actor_set(NULL);
     if (event_base_once(p->loop->base, -1, EV_TIMEOUT, deliver, p, NULL) != 0)
         LOG_ERROR("http", "cannot hand a reply back to its event loop");
 }
@@ -234,6 +342,7 @@ static void on_request(struct evhttp_request *req, void *arg)
     struct evkeyvalq *in_hdrs = evhttp_request_get_input_headers(req);
     const char *conn = evhttp_find_header(in_hdrs, "Connection");
     kms_request_info info;
+    int authenticated;
     pending *p = calloc(1, sizeof(*p));
 
     if (p == NULL) {
@@ -248,7 +357,10 @@ static void on_request(struct evhttp_request *req, void *arg)
     if (path == NULL || *path == '\0')
         path = "/";
     snprintf(p->path, sizeof(p->path), "%s", path);
-    peer_principal(req, p->principal, sizeof(p->principal));
+    p->policy = kms_policy_slot_get(&srv->policy);
+    authenticated = peer_principal(req, &p->who) == 0;
+    if (bearer_principal(in_hdrs, p->policy, &p->who) != 0)
+        authenticated = 0;
 
     /* Closing is ours (see close_after_reply): take it away from evhttp. */
     if (req->major == 1 && req->minor == 0)
@@ -269,10 +381,17 @@ static void on_request(struct evhttp_request *req, void *arg)
     info.body_len = evbuffer_get_length(in);
     info.body = info.body_len > 0 ? evbuffer_pullup(in, -1) : NULL;
     info.max_body = (size_t)srv->cfg->max_body;
-    info.principal = p->principal;
+    info.principal = p->who.name;
     if (info.body_len > info.max_body) { /* never: the framing filter refuses these */
         info.refused = KMS_FRAMING_TOO_LARGE;
         info.body_len = 0;
+    }
+    if (!authenticated && info.refused == NULL) {
+        snprintf(p->refused, sizeof(p->refused), "unauthenticated");
+        kms_reply_error(&p->reply, P11KMS_ERR_UNAUTHENTICATED,
+                        "missing or invalid credentials (bearer token or client certificate)");
+        finish(p);
+        return;
     }
     kms_routes_prepare(&info, &p->call, &p->reply);
     if (p->call != NULL) {
@@ -306,6 +425,23 @@ static struct bufferevent *make_bev(struct event_base *base, void *arg)
     return bev;
 }
 
+/* evhttp_set_bevcb of the TLS listener: the framing filter over TLS. */
+static struct bufferevent *make_bev_tls(struct event_base *base, void *arg)
+{
+    loop *lp = arg;
+    kms_server *srv = lp->srv;
+    long n = atomic_fetch_add(&srv->connections, 1) + 1;
+    const char *refuse = n > srv->cfg->max_connections ? KMS_FRAMING_BUSY : NULL;
+    struct bufferevent *under = kms_tls_bev_new(srv->tls, base), *bev = NULL;
+
+    if (under != NULL)
+        bev = kms_framing_wrap(under, (size_t)srv->cfg->max_body, KMS_HTTP_MAX_HEAD, refuse,
+                               on_connection_closed, srv);
+    if (bev == NULL)
+        atomic_fetch_sub(&srv->connections, 1);
+    return bev;
+}
+
 static void *loop_main(void *arg)
 {
     loop *lp = arg;
@@ -314,35 +450,50 @@ static void *loop_main(void *arg)
     return NULL;
 }
 
-static p11kms_status loop_init(kms_server *srv, loop *lp)
+/* One evhttp (Unix socket or TLS) of a loop, bound to listening fd. */
+static p11kms_status http_init(kms_server *srv, loop *lp, struct evhttp *http,
+                               struct bufferevent *(*bevcb)(struct event_base *, void *), int fd,
+                               struct evconnlistener **listener)
 {
     const kms_config *cfg = srv->cfg;
+
+    evhttp_set_allowed_methods(http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD |
+                                         EVHTTP_REQ_PUT | EVHTTP_REQ_DELETE | EVHTTP_REQ_OPTIONS |
+                                         EVHTTP_REQ_TRACE | EVHTTP_REQ_CONNECT | EVHTTP_REQ_PATCH);
+    /* evhttp's own limits sit above the framing filter's, which answers
+     * first and in JSON; they are a second line only. */
+    evhttp_set_max_headers_size(http, 2 * KMS_HTTP_MAX_HEAD);
+    evhttp_set_max_body_size(http, 2 * (ev_ssize_t)cfg->max_body);
+    evhttp_set_timeout(http, cfg->timeout);
+    evhttp_set_bevcb(http, bevcb, lp);
+    evhttp_set_gencb(http, on_request, lp);
+    *listener =
+        evconnlistener_new(lp->base, NULL, NULL, LEV_OPT_CLOSE_ON_EXEC | LEV_OPT_THREADSAFE, 0, fd);
+    if (*listener == NULL)
+        return P11KMS_ERR_NO_MEMORY;
+    if (evhttp_bind_listener(http, *listener) == NULL) {
+        evconnlistener_free(*listener);
+        *listener = NULL;
+        return P11KMS_ERR_NO_MEMORY;
+    }
+    return P11KMS_OK;
+}
+
+static p11kms_status loop_init(kms_server *srv, loop *lp)
+{
+    p11kms_status rv;
 
     lp->srv = srv;
     lp->base = event_base_new();
     if (lp->base == NULL || (lp->http = evhttp_new(lp->base)) == NULL)
         return P11KMS_ERR_NO_MEMORY;
-    evhttp_set_allowed_methods(lp->http, EVHTTP_REQ_GET | EVHTTP_REQ_POST | EVHTTP_REQ_HEAD |
-                                             EVHTTP_REQ_PUT | EVHTTP_REQ_DELETE |
-                                             EVHTTP_REQ_OPTIONS | EVHTTP_REQ_TRACE |
-                                             EVHTTP_REQ_CONNECT | EVHTTP_REQ_PATCH);
-    /* evhttp's own limits sit above the framing filter's, which answers
-     * first and in JSON; they are a second line only. */
-    evhttp_set_max_headers_size(lp->http, 2 * KMS_HTTP_MAX_HEAD);
-    evhttp_set_max_body_size(lp->http, 2 * (ev_ssize_t)cfg->max_body);
-    evhttp_set_timeout(lp->http, cfg->timeout);
-    evhttp_set_bevcb(lp->http, make_bev, lp);
-    evhttp_set_gencb(lp->http, on_request, lp);
-    lp->listener = evconnlistener_new(
-        lp->base, NULL, NULL, LEV_OPT_CLOSE_ON_EXEC | LEV_OPT_THREADSAFE, 0, srv->listen_fd);
-    if (lp->listener == NULL)
+    if ((rv = http_init(srv, lp, lp->http, make_bev, srv->listen_fd, &lp->listener)) != P11KMS_OK)
+        return rv;
+    if (srv->tls == NULL)
+        return P11KMS_OK;
+    if ((lp->http_tls = evhttp_new(lp->base)) == NULL)
         return P11KMS_ERR_NO_MEMORY;
-    if (evhttp_bind_listener(lp->http, lp->listener) == NULL) {
-        evconnlistener_free(lp->listener);
-        lp->listener = NULL;
-        return P11KMS_ERR_NO_MEMORY;
-    }
-    return P11KMS_OK;
+    return http_init(srv, lp, lp->http_tls, make_bev_tls, srv->tls_fd, &lp->listener_tls);
 }
 
 /* Remove a stale socket file: only a socket nobody listens on. */
@@ -479,9 +630,12 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
         return;
     }
     LOG_INFO("http", "signal %d: no longer accepting; draining in-flight requests", (int)sig);
-    for (size_t i = 0; i < srv->n_loops; i++)
+    for (size_t i = 0; i < srv->n_loops; i++) {
         if (srv->loops[i].listener != NULL)
             evconnlistener_disable(srv->loops[i].listener);
+        if (srv->loops[i].listener_tls != NULL)
+            evconnlistener_disable(srv->loops[i].listener_tls);
+    }
     remove_socket(srv);
     clock_gettime(CLOCK_MONOTONIC, &srv->drain_start);
     srv->ev_drain = event_new(srv->control, -1, EV_PERSIST, on_drain_tick, srv);
@@ -489,8 +643,55 @@ static void on_signal(evutil_socket_t sig, short what, void *arg)
         stop_loops(srv);
 }
 
+/* Install the policy of cfg: policy.file, else the built-in one.  At
+ * start a bad file is an error; on SIGHUP it keeps the policy in force. */
+static p11kms_status load_policy(kms_server *srv, int reload)
+{
+    const kms_config *cfg = srv->cfg;
+    kms_policy *pol = NULL;
+    char err[KMS_POLICY_ERR_MAX];
+    p11kms_status rv;
+
+    if (cfg->policy_file == NULL) {
+        if (reload) {
+            LOG_INFO("policy", "SIGHUP: no policy.file configured; the built-in policy stays");
+            return P11KMS_OK;
+        }
+        if ((rv = kms_policy_default(geteuid(), &pol)) != P11KMS_OK)
+            return rv;
+        LOG_WARN("policy",
+                 "no [policy] file configured: built-in policy, only uid:%u (the kmsd user) and "
+                 "uid:0 may generate, decrypt and admin; everyone else is refused "
+                 "(docs/operations.md)",
+                 (unsigned)geteuid());
+        kms_policy_slot_set(&srv->policy, pol);
+        return P11KMS_OK;
+    }
+    rv = kms_policy_load(cfg->policy_file, &pol, err, sizeof(err));
+    if (rv != P11KMS_OK) {
+        if (reload)
+            LOG_ERROR("policy", "SIGHUP: policy not reloaded, the previous one stays in force: %s",
+                      err);
+        else
+            LOG_ERROR("policy", "%s", err);
+        return rv;
+    }
+    LOG_INFO("policy", "%s policy %s: %zu rules, %zu bearer tokens", reload ? "reloaded" : "loaded",
+             cfg->policy_file, kms_policy_rule_count(pol), kms_policy_token_count(pol));
+    kms_policy_slot_set(&srv->policy, pol);
+    return P11KMS_OK;
+}
+
+static void on_hup(evutil_socket_t sig, short what, void *arg)
+{
+    (void)sig;
+    (void)what;
+    load_policy(arg, 1);
+}
+
 p11kms_status kms_server_new(const kms_config *cfg, kms_core *core, kms_server **out)
 {
+    char err[KMS_CONFIG_ERR_MAX];
     p11kms_status rv = P11KMS_ERR_NO_MEMORY;
     kms_server *srv = calloc(1, sizeof(*srv));
 
@@ -499,9 +700,19 @@ p11kms_status kms_server_new(const kms_config *cfg, kms_core *core, kms_server *
     srv->cfg = cfg;
     srv->core = core;
     srv->listen_fd = -1;
+    srv->tls_fd = -1;
+    kms_policy_slot_init(&srv->policy);
     atomic_init(&srv->inflight, 0);
     atomic_init(&srv->connections, 0);
     atomic_init(&srv->draining, 0);
+    if ((rv = load_policy(srv, 0)) != P11KMS_OK)
+        goto out;
+    if (cfg->listen_tls != NULL &&
+        ((rv = kms_tls_new(cfg, &srv->tls, err, sizeof(err))) != P11KMS_OK ||
+         (rv = kms_tls_listen(cfg, &srv->tls_fd, err, sizeof(err))) != P11KMS_OK)) {
+        LOG_ERROR("http", "%s", err);
+        goto out;
+    }
     if ((rv = listen_unix(srv)) != P11KMS_OK)
         goto out;
     if ((rv = kms_workers_new((size_t)cfg->workers, (size_t)cfg->queue, &srv->workers)) !=
@@ -517,8 +728,10 @@ p11kms_status kms_server_new(const kms_config *cfg, kms_core *core, kms_server *
             goto out;
     srv->ev_term = evsignal_new(srv->control, SIGTERM, on_signal, srv);
     srv->ev_int = evsignal_new(srv->control, SIGINT, on_signal, srv);
-    if (srv->ev_term == NULL || srv->ev_int == NULL || event_add(srv->ev_term, NULL) != 0 ||
-        event_add(srv->ev_int, NULL) != 0)
+    srv->ev_hup = evsignal_new(srv->control, SIGHUP, on_hup, srv);
+    if (srv->ev_term == NULL || srv->ev_int == NULL || srv->ev_hup == NULL ||
+        event_add(srv->ev_term, NULL) != 0 || event_add(srv->ev_int, NULL) != 0 ||
+        event_add(srv->ev_hup, NULL) != 0)
         goto out;
     *out = srv;
     srv = NULL;
@@ -553,6 +766,9 @@ p11kms_status kms_server_run(kms_server *srv)
     }
     LOG_INFO("http", "listening on %s (%d loops, %d workers)", srv->cfg->listen_unix,
              srv->cfg->threads, srv->cfg->workers);
+    if (srv->tls != NULL)
+        LOG_INFO("http", "listening on %s (TLS 1.2+, client certificates from %s)",
+                 srv->cfg->listen_tls, srv->cfg->tls_client_ca);
     event_base_loop(srv->control, EVLOOP_NO_EXIT_ON_EMPTY);
     return rv;
 }
@@ -574,6 +790,10 @@ void kms_server_free(kms_server *srv)
             evhttp_free(srv->loops[i].http); /* frees its listener too */
         else if (srv->loops[i].listener != NULL)
             evconnlistener_free(srv->loops[i].listener);
+        if (srv->loops[i].http_tls != NULL)
+            evhttp_free(srv->loops[i].http_tls);
+        else if (srv->loops[i].listener_tls != NULL)
+            evconnlistener_free(srv->loops[i].listener_tls);
         if (srv->loops[i].base != NULL)
             event_base_free(srv->loops[i].base);
     }
@@ -584,10 +804,16 @@ void kms_server_free(kms_server *srv)
         event_free(srv->ev_term);
     if (srv->ev_int != NULL)
         event_free(srv->ev_int);
+    if (srv->ev_hup != NULL)
+        event_free(srv->ev_hup);
     if (srv->control != NULL)
         event_base_free(srv->control);
     remove_socket(srv);
     if (srv->listen_fd >= 0)
         close(srv->listen_fd);
+    if (srv->tls_fd >= 0)
+        close(srv->tls_fd);
+    kms_tls_free(srv->tls);
+    kms_policy_slot_destroy(&srv->policy);
     free(srv);
 }

@@ -7,7 +7,8 @@
  * parse requests; work that touches the token or the store runs on the
  * worker pool and its reply is handed back to the request's loop, which
  * writes it.  The calling thread runs a small control loop that owns the
- * signals and the drain.
+ * signals and the drain, and reloads the policy on SIGHUP.  With
+ * listen.tls the loops also accept mutual-TLS connections (tls.h).
  */
 #ifndef P11KMS_KMS_SERVER_HTTP_H
 #define P11KMS_KMS_SERVER_HTTP_H
@@ -21,8 +22,9 @@
 
 typedef struct kms_server kms_server;
 
-/* Create the listening socket (removing a stale socket file nobody listens
- * on), the loops and the worker pool.  cfg and core must outlive the
+/* Load the policy (policy.file, else the built-in one), create the
+ * listening sockets (removing a stale socket file nobody listens on; TLS
+ * when configured), the loops and the worker pool.  cfg and core must outlive the
  * server.  Call evthread_use_pthreads() first. */
 p11kms_status kms_server_new(const kms_config *cfg, kms_core *core, kms_server **out);
 

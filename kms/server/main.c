@@ -25,6 +25,8 @@
 #include "kms/core/core.h"
 #include "kms/server/config.h"
 #include "kms/server/http.h"
+#include "kms/server/tls.h"
+#include "kms/server/rotator.h"
 #include "kms/store/store.h"
 #include "module/log.h"
 #include "module/p11.h"
@@ -64,6 +66,27 @@ static int harden(void)
     return 0;
 }
 
+/* Parse the policy file and load the TLS material once, so that a bad
+ * one stops kmsd (and --check-config) with its FILE:LINE. */
+static p11kms_status check_policy_and_tls(const kms_config *cfg, char *err, size_t errlen)
+{
+    kms_policy *pol = NULL;
+    kms_tls *tls = NULL;
+    p11kms_status rv = P11KMS_OK;
+
+    if (cfg->policy_file != NULL) {
+        rv = kms_policy_load(cfg->policy_file, &pol, err, errlen);
+        kms_policy_unref(pol);
+        if (rv != P11KMS_OK)
+            return rv;
+    }
+    if (cfg->listen_tls != NULL) {
+        rv = kms_tls_new(cfg, &tls, err, errlen);
+        kms_tls_free(tls);
+    }
+    return rv;
+}
+
 static int serve(const kms_config *cfg)
 {
     p11_config pcfg;
@@ -71,6 +94,8 @@ static int serve(const kms_config *cfg)
     kms_store *store = NULL;
     kms_core *core = NULL;
     kms_server *srv = NULL;
+    kms_rotator *rotator = NULL;
+    kms_core_options copts;
     char *pin = NULL;
     const char *env_pin = getenv("P11KMS_PIN");
     p11kms_status st;
@@ -106,26 +131,42 @@ static int serve(const kms_config *cfg)
                 cfg->token_module, p11_rv_name(rv));
         goto out;
     }
-    st = kms_store_open_sqlite(cfg->store_path, &store);
+    /* The url may hold a password: it is never printed. */
+    if (strcmp(cfg->store_backend, "postgres") == 0)
+        st = kms_store_open_postgres(cfg->store_url, &store);
+    else
+        st = kms_store_open_sqlite(cfg->store_path, &store);
     if (st != P11KMS_OK) {
-        fprintf(stderr, "kmsd: cannot open store %s: %s\n", cfg->store_path, p11kms_strerror(st));
+        fprintf(stderr, "kmsd: cannot open store %s: %s\n",
+                strcmp(cfg->store_backend, "postgres") == 0 ? "(postgres, store.url)"
+                                                             : cfg->store_path,
+                p11kms_strerror(st));
         goto out;
     }
-    st = kms_core_new(token, store, &core);
+    memset(&copts, 0, sizeof(copts));
+    copts.max_wraps_per_version = (uint64_t)cfg->max_wraps_per_version;
+    st = kms_core_new_ex(token, store, &copts, &core);
     if (st != P11KMS_OK) {
         fprintf(stderr, "kmsd: cannot start the core: %s\n", p11kms_strerror(st));
         goto out;
     }
+    kms_audit_startup_check(core); /* logs loudly if broken; kmsd serves anyway */
     st = kms_server_new(cfg, core, &srv);
     if (st != P11KMS_OK) {
         fprintf(stderr, "kmsd: cannot start the HTTP server on %s: %s\n", cfg->listen_unix,
                 p11kms_strerror(st));
         goto out;
     }
+    st = kms_rotator_start(core, cfg->rotation_check_interval, &rotator);
+    if (st != P11KMS_OK) {
+        fprintf(stderr, "kmsd: cannot start the rotation thread: %s\n", p11kms_strerror(st));
+        goto out;
+    }
     if (kms_server_run(srv) != P11KMS_OK)
         goto out;
     status = 0;
 out:
+    kms_rotator_stop(rotator);
     kms_server_free(srv);
     kms_core_free(core);
     kms_store_close(store);
@@ -165,7 +206,8 @@ int main(int argc, char **argv)
     if (harden() != 0)
         return 1;
     if (kms_config_load(path, &cfg, err, sizeof(err)) != P11KMS_OK ||
-        kms_config_check_supported(cfg, err, sizeof(err)) != P11KMS_OK) {
+        kms_config_check_supported(cfg, err, sizeof(err)) != P11KMS_OK ||
+        check_policy_and_tls(cfg, err, sizeof(err)) != P11KMS_OK) {
         fprintf(stderr, "kmsd: %s\n", err);
         goto out;
     }

@@ -30,6 +30,7 @@
 #include <openssl/crypto.h>
 #include <openssl/evp.h>
 
+#include "kms/policy/policy.h"
 #include "kms/server/framing.h"
 #include "module/log.h"
 
@@ -46,7 +47,16 @@ typedef enum route_id {
     R_DATAKEY_DESTROY,
     R_DATAKEY_BULK_REVOKE,
     R_DATAKEY_BULK_DESTROY,
-    R_LATER, /* a contract route of a later release */
+    R_KEY_ROTATE,
+    R_KEY_DISABLE,
+    R_KEY_ENABLE,
+    R_KEY_CONFIG,
+    R_KEY_REWRAP,
+    R_KEY_RETIRE,
+    R_AUDIT_LIST,
+    R_AUDIT_VERIFY,
+    R_METRICS, /* rendered by kms/server/metrics.c (http.c run_job) */
+    R_LATER,   /* a contract route of a later release */
 } route_id;
 
 typedef struct route {
@@ -61,12 +71,12 @@ static const route routes[] = {
     {"POST", "/v1/keys", R_KEY_CREATE, "key.create"},
     {"GET", "/v1/keys", R_KEY_LIST, "key.list"},
     {"GET", "/v1/keys/*", R_KEY_SHOW, "key.show"},
-    {"POST", "/v1/keys/*/rotate", R_LATER, "key.rotate"},
-    {"POST", "/v1/keys/*/disable", R_LATER, "key.disable"},
-    {"POST", "/v1/keys/*/enable", R_LATER, "key.enable"},
-    {"POST", "/v1/keys/*/config", R_LATER, "key.config"},
-    {"POST", "/v1/keys/*/rewrap", R_LATER, "key.rewrap"},
-    {"DELETE", "/v1/keys/*/versions/*", R_LATER, "key.retire"},
+    {"POST", "/v1/keys/*/rotate", R_KEY_ROTATE, "key.rotate"},
+    {"POST", "/v1/keys/*/disable", R_KEY_DISABLE, "key.disable"},
+    {"POST", "/v1/keys/*/enable", R_KEY_ENABLE, "key.enable"},
+    {"POST", "/v1/keys/*/config", R_KEY_CONFIG, "key.config"},
+    {"POST", "/v1/keys/*/rewrap", R_KEY_REWRAP, "key.rewrap"},
+    {"DELETE", "/v1/keys/*/versions/*", R_KEY_RETIRE, "key.retire"},
     {"POST", "/v1/keys/*/datakeys", R_DATAKEY_GENERATE, "datakey.generate"},
     {"POST", "/v1/datakeys/*/decrypt", R_DATAKEY_DECRYPT, "datakey.decrypt"},
     {"GET", "/v1/datakeys/*", R_DATAKEY_SHOW, "datakey.show"},
@@ -75,10 +85,10 @@ static const route routes[] = {
     {"POST", "/v1/datakeys/*/revoke", R_DATAKEY_REVOKE, "datakey.revoke"},
     {"POST", "/v1/datakeys/revoke", R_DATAKEY_BULK_REVOKE, "datakey.bulk_revoke"},
     {"POST", "/v1/datakeys/destroy", R_DATAKEY_BULK_DESTROY, "datakey.bulk_destroy"},
-    {"GET", "/v1/audit", R_LATER, "audit.list"},
-    {"GET", "/v1/audit/verify", R_LATER, "audit.verify"},
+    {"GET", "/v1/audit", R_AUDIT_LIST, "audit.list"},
+    {"GET", "/v1/audit/verify", R_AUDIT_VERIFY, "audit.verify"},
     {"GET", "/v1/status", R_LATER, "status"},
-    {"GET", "/metrics", R_LATER, "metrics"},
+    {"GET", "/metrics", R_METRICS, "metrics"},
 };
 #define N_ROUTES   (sizeof(routes) / sizeof(routes[0]))
 #define MAX_PARAMS 2
@@ -93,6 +103,11 @@ struct kms_call {
     int state;                       /* list: kms_dek_state or -1 */
     char cursor[KMS_DEK_ID_LEN + 1]; /* list: "" for the first page */
     size_t limit;                    /* list */
+    uint32_t min_decrypt_version;    /* config: 0 = unchanged */
+    int64_t rotation_period;         /* config: -1 = unchanged */
+    uint64_t batch;                  /* rewrap: 0 = everything */
+    uint32_t version;                /* retire */
+    uint64_t after;                  /* audit list */
 };
 
 /* ---- replies ---- */
@@ -575,6 +590,146 @@ static int take_list_query(const char *query, kms_call *call, kms_reply *r)
     return 1;
 }
 
+/* GET /v1/audit?after=SEQ&limit=N: both optional, nothing else allowed.
+ * 0 after writing an error reply. */
+static int take_audit_query(const char *query, kms_call *call, kms_reply *r)
+{
+    static const char *const names[] = {"after", "limit"};
+    char seen[2] = {0}, name[16], value[32];
+    const char *p = query != NULL ? query : "";
+    unsigned long long v;
+    char *end;
+
+    call->after = 0;
+    call->limit = KMS_AUDIT_LIST_DEFAULT;
+    while (*p != '\0') {
+        size_t seg = strcspn(p, "&"), nlen = strcspn(p, "="), which = 2;
+
+        if (seg == 0) {
+            p++;
+            continue;
+        }
+        if (nlen >= seg || nlen == 0 || !query_decode(p, nlen, name, sizeof(name))) {
+            kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                            "malformed query string: expected after=SEQ and/or limit=N");
+            return 0;
+        }
+        for (size_t i = 0; i < 2; i++)
+            if (strcmp(names[i], name) == 0)
+                which = i;
+        if (which == 2) {
+            kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                            "unknown query parameter '%.*s'; allowed: after, limit",
+                            (int)(nlen > 64 ? 64 : nlen), p);
+            return 0;
+        }
+        if (seen[which]++) {
+            kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "query parameter '%s' given twice",
+                            names[which]);
+            return 0;
+        }
+        end = NULL;
+        errno = 0;
+        v = 0;
+        if (query_decode(p + nlen + 1, seg - nlen - 1, value, sizeof(value)) &&
+            value[0] >= '0' && value[0] <= '9')
+            v = strtoull(value, &end, 10);
+        if (end == NULL || *end != '\0' || errno != 0 || v > (unsigned long long)INT64_MAX ||
+            (which == 1 && (v < 1 || v > KMS_AUDIT_LIST_MAX))) {
+            if (which == 0)
+                kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                                "after must be a sequence number (a decimal integer >= 0)");
+            else
+                kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                                "limit must be an integer from 1 to %d", KMS_AUDIT_LIST_MAX);
+            return 0;
+        }
+        if (which == 0)
+            call->after = (uint64_t)v;
+        else
+            call->limit = (size_t)v;
+        p += seg;
+        if (*p == '&')
+            p++;
+    }
+    return 1;
+}
+
+/* ---- key rotation bodies (issue 3) ---- */
+
+#define REWRAP_BATCH_LIMIT 1000000 /* largest "batch" of one rewrap call */
+
+/* POST /v1/keys/{name}/config: min_decrypt_version and/or rotation_period. */
+static int take_config(json_t *body, kms_call *call, kms_reply *r)
+{
+    json_t *min = json_object_get(body, "min_decrypt_version");
+    json_t *period = json_object_get(body, "rotation_period");
+
+    call->min_decrypt_version = 0;
+    call->rotation_period = -1;
+    if (min == NULL && period == NULL) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                        "give min_decrypt_version, rotation_period or both");
+        return 0;
+    }
+    if (min != NULL) {
+        if (!json_is_integer(min) || json_integer_value(min) < 1 ||
+            json_integer_value(min) > (json_int_t)UINT32_MAX) {
+            kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                            "min_decrypt_version must be an integer from 1 to the key's "
+                            "latest_version");
+            return 0;
+        }
+        call->min_decrypt_version = (uint32_t)json_integer_value(min);
+    }
+    if (period != NULL) {
+        if (json_is_string(period))
+            call->rotation_period = kms_rotation_period_parse(json_string_value(period));
+        if (!json_is_string(period) || call->rotation_period < 0) {
+            kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                            "rotation_period must be \"0\" (off) or \"<n>d\", \"<n>h\", "
+                            "\"<n>m\" or \"<n>s\", at most 3650 days");
+            return 0;
+        }
+    }
+    return 1;
+}
+
+/* POST /v1/keys/{name}/rewrap: optional "batch". */
+static int take_batch(json_t *body, kms_call *call, kms_reply *r)
+{
+    json_t *b = json_object_get(body, "batch");
+
+    call->batch = 0;
+    if (b == NULL)
+        return 1;
+    if (!json_is_integer(b) || json_integer_value(b) < 1 ||
+        json_integer_value(b) > REWRAP_BATCH_LIMIT) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST, "batch must be an integer from 1 to %d",
+                        REWRAP_BATCH_LIMIT);
+        return 0;
+    }
+    call->batch = (uint64_t)json_integer_value(b);
+    return 1;
+}
+
+/* The {v} of DELETE /v1/keys/{name}/versions/{v}: 1..2^32-1, decimal,
+ * no sign, no leading zero. */
+static int take_version(const char *s, kms_call *call, kms_reply *r)
+{
+    unsigned long long v = 0;
+    size_t len = strlen(s);
+
+    if (len == 0 || len > 10 || s[0] < '1' || s[0] > '9' || strspn(s, "0123456789") != len ||
+        (v = strtoull(s, NULL, 10)) > UINT32_MAX) {
+        kms_reply_error(r, P11KMS_ERR_BAD_REQUEST,
+                        "version must be a decimal integer from 1 to 4294967295");
+        return 0;
+    }
+    call->version = (uint32_t)v;
+    return 1;
+}
+
 static void refused(const kms_request_info *in, kms_reply *r)
 {
     const char *why = in->refused;
@@ -614,6 +769,9 @@ void kms_routes_prepare(const kms_request_info *in, kms_call **out, kms_reply *r
     static const char *const f_reason[] = {"reason", NULL};
     static const char *const f_bulk_revoke[] = {"key", "context", "reason", NULL};
     static const char *const f_bulk_destroy[] = {"key", "context", NULL};
+    static const char *const f_none[] = {NULL};
+    static const char *const f_config[] = {"min_decrypt_version", "rotation_period", NULL};
+    static const char *const f_rewrap[] = {"batch", NULL};
     route_match m;
     kms_call *call = NULL;
     json_t *body = NULL, *name;
@@ -700,6 +858,37 @@ void kms_routes_prepare(const kms_request_info *in, kms_call **out, kms_reply *r
         if (body == NULL || !take_bulk(body, call, r))
             goto fail;
         break;
+    case R_KEY_ROTATE:
+    case R_KEY_DISABLE:
+    case R_KEY_ENABLE:
+        if (!take_name(m.params[0], call, r))
+            goto fail;
+        parse_body(in, f_none, 1, &body, r); /* no body, or {} */
+        if (body == NULL)
+            goto fail;
+        break;
+    case R_KEY_CONFIG:
+        if (!take_name(m.params[0], call, r))
+            goto fail;
+        parse_body(in, f_config, 0, &body, r);
+        if (body == NULL || !take_config(body, call, r))
+            goto fail;
+        break;
+    case R_KEY_REWRAP:
+        if (!take_name(m.params[0], call, r))
+            goto fail;
+        parse_body(in, f_rewrap, 1, &body, r);
+        if (body == NULL || !take_batch(body, call, r))
+            goto fail;
+        break;
+    case R_KEY_RETIRE:
+        if (!take_name(m.params[0], call, r) || !take_version(m.params[1], call, r))
+            goto fail;
+        break;
+    case R_AUDIT_LIST:
+        if (!take_audit_query(in->query, call, r))
+            goto fail;
+        break;
     default: break;
     }
     *out = call;
@@ -715,6 +904,21 @@ out:
 const char *kms_call_name(const kms_call *call)
 {
     return call != NULL ? call->route->name : "-";
+}
+
+void kms_call_access_get(const kms_call *call, kms_call_access *out)
+{
+    memset(out, 0, sizeof(*out));
+    switch (call->route->id) {
+    case R_HEALTH: return; /* open to every connected principal */
+    case R_DATAKEY_GENERATE: out->op = KMS_OP_GENERATE; break;
+    case R_DATAKEY_DECRYPT: out->op = KMS_OP_DECRYPT; break;
+    default: out->op = KMS_OP_ADMIN; break;
+    }
+    if (call->dek_id[0] != '\0')
+        out->dek_id = call->dek_id;
+    else if (call->name[0] != '\0')
+        out->key = call->name;
 }
 
 void kms_call_free(kms_call *call)
@@ -845,7 +1049,18 @@ static void core_error(kms_reply *r, const kms_call *call, p11kms_status s)
 {
     switch (s) {
     case P11KMS_ERR_KEY_EXISTS: kms_reply_error(r, s, "key '%s' already exists", call->name); break;
-    case P11KMS_ERR_KEY_NOT_FOUND: kms_reply_error(r, s, "key '%s' not found", call->name); break;
+    case P11KMS_ERR_KEY_NOT_FOUND:
+        if (call->route->id == R_KEY_RETIRE)
+            kms_reply_error(r, s, "key '%s' has no version %u", call->name, call->version);
+        else
+            kms_reply_error(r, s, "key '%s' not found", call->name);
+        break;
+    case P11KMS_ERR_KEY_VERSION_IN_USE:
+        kms_reply_error(r, s,
+                        "version %u of key '%s' is the latest version or live data keys still "
+                        "use it (rewrap them first)",
+                        call->version, call->name);
+        break;
     case P11KMS_ERR_DEK_NOT_FOUND:
         kms_reply_error(r, s, "data key %s not found", call->dek_id);
         break;
@@ -865,11 +1080,62 @@ static void core_error(kms_reply *r, const kms_call *call, p11kms_status s)
     case P11KMS_ERR_INTEGRITY_FAILURE:
         kms_reply_error(r, s, "stored data key failed authentication");
         break;
-    case P11KMS_ERR_BAD_REQUEST: kms_reply_error(r, s, "bad request"); break;
+    case P11KMS_ERR_BAD_REQUEST:
+        if (call->route->id == R_KEY_CONFIG)
+            kms_reply_error(r, s, "min_decrypt_version must be from 1 to the key's "
+                                  "latest_version");
+        else
+            kms_reply_error(r, s, "bad request");
+        break;
     default: kms_reply_error(r, s, "%s", p11kms_strerror(s)); break;
     }
     if (r->status >= 500)
         LOG_ERROR("http", "%s: %s", call->route->name, p11kms_status_code(s));
+}
+
+/* An audit entry: what was done, never a secret (docs/audit.md). */
+static json_t *audit_object(const kms_audit_entry *e)
+{
+    return json_pack("{s:I,s:o,s:s,s:s,s:o,s:o,s:o,s:s,s:o}", "seq", (json_int_t)e->seq, "time",
+                     time_string(e->time), "principal", e->principal, "operation", e->operation,
+                     "key", e->key[0] != '\0' ? json_string(e->key) : json_null(), "version",
+                     e->version != 0 ? json_integer(e->version) : json_null(), "dek_id",
+                     e->dek_id[0] != '\0' ? json_string(e->dek_id) : json_null(), "result",
+                     kms_audit_result_name(e->result), "error_code",
+                     e->error_code[0] != '\0' ? json_string(e->error_code) : json_null());
+}
+
+static p11kms_status audit_list(kms_core *core, const kms_call *call, kms_reply *r)
+{
+    kms_audit_entry *entries = NULL;
+    size_t n = 0;
+    json_t *list;
+    p11kms_status s = kms_audit_list(core, call->after, call->limit, &entries, &n);
+
+    if (s != P11KMS_OK)
+        return s;
+    list = json_array();
+    for (size_t i = 0; list != NULL && i < n; i++)
+        json_array_append_new(list, audit_object(&entries[i]));
+    reply_json(r, 200, list != NULL ? json_pack("{s:o}", "entries", list) : NULL);
+    free(entries);
+    return P11KMS_OK;
+}
+
+static p11kms_status audit_verify(kms_core *core, kms_reply *r)
+{
+    kms_audit_report rep;
+    p11kms_status s = kms_audit_verify(core, &rep);
+
+    if (s != P11KMS_OK)
+        return s;
+    if (rep.ok)
+        reply_json(r, 200, json_pack("{s:b,s:I}", "ok", 1, "entries", (json_int_t)rep.entries));
+    else
+        reply_json(r, 200,
+                   json_pack("{s:b,s:I,s:s,s:I}", "ok", 0, "first_bad", (json_int_t)rep.first_bad,
+                             "reason", rep.reason, "entries", (json_int_t)rep.entries));
+    return P11KMS_OK;
 }
 
 static void health(kms_core *core, kms_reply *r)
@@ -879,8 +1145,12 @@ static void health(kms_core *core, kms_reply *r)
     int token_ok = rv == CKR_OK, store_ok = st == P11KMS_OK;
     json_t *obj;
 
-    obj = json_pack("{s:s,s:s,s:s}", "status", token_ok && store_ok ? "ok" : "unavailable", "token",
-                    token_ok ? "ok" : "unavailable", "store", store_ok ? "ok" : "unavailable");
+    /* A broken audit chain does not make kmsd unhealthy: it keeps serving
+     * (and appending) and says so here; /v1/audit/verify says where. */
+    obj = json_pack("{s:s,s:s,s:s,s:s}", "status", token_ok && store_ok ? "ok" : "unavailable",
+                    "token", token_ok ? "ok" : "unavailable", "store",
+                    store_ok ? "ok" : "unavailable", "audit",
+                    kms_core_audit_state(core) == KMS_AUDIT_STATE_BROKEN ? "broken" : "ok");
     if (obj != NULL && !(token_ok && store_ok)) {
         p11kms_status s = token_ok ? P11KMS_ERR_STORE_UNAVAILABLE : P11KMS_ERR_TOKEN_UNAVAILABLE;
         json_t *err = error_object(s, token_ok ? "store unavailable" : "token unavailable");
@@ -901,6 +1171,7 @@ void kms_routes_execute(kms_core *core, kms_call *call, kms_reply *r)
     char next[KMS_DEK_ID_LEN + 1] = "";
     kms_datakey dk;
     json_t *list;
+    uint64_t rewrapped = 0, remaining = 0, failed = 0;
     p11kms_status s = P11KMS_OK;
 
     memset(&dk, 0, sizeof(dk));
@@ -965,6 +1236,32 @@ void kms_routes_execute(kms_core *core, kms_call *call, kms_reply *r)
         if (s == P11KMS_OK)
             reply_json(r, 200, json_pack("{s:I}", "count", (json_int_t)count));
         break;
+    case R_KEY_ROTATE:
+    case R_KEY_DISABLE:
+    case R_KEY_ENABLE:
+    case R_KEY_CONFIG:
+    case R_KEY_RETIRE:
+        if (call->route->id == R_KEY_ROTATE)
+            s = kms_key_rotate(core, call->name, &key);
+        else if (call->route->id == R_KEY_CONFIG)
+            s = kms_key_configure(core, call->name, call->min_decrypt_version,
+                                  call->rotation_period, &key);
+        else if (call->route->id == R_KEY_RETIRE)
+            s = kms_key_retire(core, call->name, call->version, &key);
+        else
+            s = kms_key_set_enabled(core, call->name, call->route->id == R_KEY_ENABLE, &key);
+        if (s == P11KMS_OK)
+            reply_json(r, 200, key_object(key));
+        break;
+    case R_KEY_REWRAP:
+        s = kms_key_rewrap(core, call->name, call->batch, &rewrapped, &remaining, &failed);
+        if (s == P11KMS_OK)
+            reply_json(r, 200,
+                       json_pack("{s:I,s:I,s:I}", "rewrapped", (json_int_t)rewrapped, "remaining",
+                                 (json_int_t)remaining, "failed", (json_int_t)failed));
+        break;
+    case R_AUDIT_LIST: s = audit_list(core, call, r); break;
+    case R_AUDIT_VERIFY: s = audit_verify(core, r); break;
     default: kms_reply_error(r, P11KMS_ERR_NOT_FOUND, "not implemented yet"); break;
     }
     if (s != P11KMS_OK)

@@ -26,9 +26,10 @@ typedef struct kms_reply {
     int status;
     char *body; /* malloc'd JSON text (not NUL-terminated), or NULL */
     size_t len;
-    char allow[96];  /* Allow header value for 405, "" otherwise */
-    int retry_after; /* seconds; 0: no Retry-After */
-    int close;       /* answer with Connection: close */
+    char allow[96];           /* Allow header value for 405, "" otherwise */
+    int retry_after;          /* seconds; 0: no Retry-After */
+    int close;                /* answer with Connection: close */
+    const char *content_type; /* static string; NULL: application/json */
 } kms_reply;
 
 typedef struct kms_request_info {
@@ -53,6 +54,20 @@ void kms_routes_execute(kms_core *core, kms_call *call, kms_reply *reply);
 
 /* A short name of the call's operation for the log ("datakey.generate"). */
 const char *kms_call_name(const kms_call *call);
+
+/* What a call needs from the policy (kms/server/authz.c decides).  op is
+ * 0 for an open route (GET /v1/health), else one kms_policy_op: generate
+ * and decrypt for their two routes, admin for every other route (so a
+ * route added later is admin until said otherwise).  The call addresses a
+ * DEK (dek_id set: its key is known after a lookup), a key (key set), or
+ * no key (both NULL).  The pointers live as long as the call. */
+typedef struct kms_call_access {
+    int op;
+    const char *key;
+    const char *dek_id;
+} kms_call_access;
+
+void kms_call_access_get(const kms_call *call, kms_call_access *out);
 
 void kms_call_free(kms_call *call);
 

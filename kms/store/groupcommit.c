@@ -9,16 +9,30 @@
  * and wakes the callers.  While a group commits, the next one queues up,
  * so the number of fsyncs per second, not per write, bounds throughput.
  *
- * Locking: gc->mu guards the queue, `stopping`, `done` flags and the
- * statistics.  The writer never holds mu while it talks to the database.
+ * The audit log (issue 5): after every write of a group is applied, the
+ * entries the writes carry are appended in the same transaction: the
+ * backend takes its audit lock and reads the sealed head; each entry gets
+ * the next seq, the time, prev_hash and hash = SHA-256(prev_hash ||
+ * canonical entry); the last one gets the MAC of the group (one token
+ * call, through the callback the core installed) and becomes the sealed
+ * head.  If any of it fails the whole group is rolled back: no change
+ * without its entry, no entry without its seal.  An entry follows the
+ * sealed head even when rows were edited behind kmsd's back (the chain
+ * continues; verification reports where it broke).  KMS_WRITE_AUDIT_KEY
+ * (get or create the MAC key id) is run here too, under the same lock.
+ *
+ * Locking: gc->mu guards the queue, `stopping`, `done` flags, the MAC
+ * callback and the statistics.  The writer never holds mu while it talks to the database.
  * A write struct is not touched by the writer after its `done` flag is
  * set (the caller may return and reuse its stack at once).
  */
 #include "kms/store/store_internal.h"
 
 #include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "module/log.h"
 
@@ -38,6 +52,8 @@ struct kms_gc {
     uint64_t commits;
     uint64_t writes;
     uint64_t failed_groups;
+    kms_audit_mac_fn mac_fn; /* [mu] */
+    void *mac_arg;           /* [mu] */
 };
 
 static void fail_all(kms_write *batch, size_t n)
@@ -48,8 +64,124 @@ static void fail_all(kms_write *batch, size_t n)
         w->result = P11KMS_ERR_STORE_UNAVAILABLE;
 }
 
+/* Nothing happened, so there is nothing to record: a capped insert that
+ * the cap refused, a rotation that lost its compare-and-set (the caller
+ * tries again and attaches its entries to that write). */
+static int entries_skipped(const kms_write *w)
+{
+    if (w->result != P11KMS_OK)
+        return 0;
+    return (w->type == KMS_WRITE_DEK_INSERT && w->u.dek_insert.refused) ||
+           (w->type == KMS_WRITE_VERSION_ADD && w->u.version_add.added == 0);
+}
+
+static void entry_result_from(kms_audit_entry *e, p11kms_status result)
+{
+    if (!e->result_from_write)
+        return;
+    e->result = result == P11KMS_OK ? KMS_AUDIT_OK : KMS_AUDIT_ERROR;
+    snprintf(e->error_code, sizeof(e->error_code), "%s",
+             result == P11KMS_OK ? "" : p11kms_status_code(result));
+}
+
+/* Append and seal the group's entries (inside its transaction). */
+static p11kms_status append_audit(kms_gc *gc, kms_write *batch, kms_audit_mac_fn mac_fn,
+                                  void *mac_arg)
+{
+    p11kms_status rv = P11KMS_OK;
+    kms_audit_head head;
+    kms_audit_entry *last = NULL;
+    unsigned char start[KMS_AUDIT_HASH_LEN], prev[KMS_AUDIT_HASH_LEN];
+    unsigned char last_hash[KMS_AUDIT_HASH_LEN];
+    uint64_t seq, last_seq = 0;
+    int64_t now = (int64_t)time(NULL);
+    int any = 0;
+
+    for (kms_write *w = batch; w != NULL && !any; w = w->next)
+        any = w->n_audit > 0 && !entries_skipped(w);
+    if (!any)
+        goto out;
+    rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    if (mac_fn == NULL || gc->ops->audit_head == NULL) {
+        LOG_ERROR("store", "audit entries cannot be sealed: no audit MAC key is attached");
+        goto out;
+    }
+    memset(&head, 0, sizeof(head));
+    memset(last_hash, 0, sizeof(last_hash));
+    if (gc->ops->audit_head(gc->ctx, &head, &last_seq, last_hash) != P11KMS_OK)
+        goto out;
+    /* The sealed head is authoritative; the last row only when there is no
+     * head (a fresh log, or the head row was deleted). */
+    if (head.present && last_seq != head.seq)
+        LOG_ERROR("store",
+                  "AUDIT LOG TAMPERED: the last entry is %llu but the sealed head is %llu; "
+                  "new entries continue from the sealed head (kmsctl audit verify)",
+                  (unsigned long long)last_seq, (unsigned long long)head.seq);
+    else if (!head.present && last_seq > 0)
+        LOG_ERROR("store", "AUDIT LOG TAMPERED: entries exist but the sealed head is missing");
+    memcpy(prev, head.present ? head.hash : last_hash, sizeof(prev));
+    seq = head.present && head.seq > last_seq ? head.seq : last_seq;
+    memcpy(start, prev, sizeof(start));
+    for (kms_write *w = batch; w != NULL; w = w->next) {
+        if (entries_skipped(w))
+            continue;
+        for (size_t i = 0; i < w->n_audit; i++) {
+            kms_audit_entry *e = &w->audit[i];
+
+            entry_result_from(e, w->result);
+            e->seq = ++seq;
+            if (e->time == 0)
+                e->time = now;
+            e->has_mac = 0;
+            memcpy(e->prev_hash, prev, sizeof(prev));
+            kms_audit_hash(prev, e, e->hash);
+            memcpy(prev, e->hash, sizeof(prev));
+            if (gc->ops->audit_insert(gc->ctx, e) != P11KMS_OK)
+                goto out;
+            last = e;
+        }
+    }
+    if (mac_fn(mac_arg, start, last->hash, last->mac) != P11KMS_OK) {
+        LOG_ERROR("store", "the audit MAC of a commit group failed: the group is rolled back");
+        goto out;
+    }
+    last->has_mac = 1;
+    if (gc->ops->audit_seal(gc->ctx, last) != P11KMS_OK)
+        goto out;
+    rv = P11KMS_OK;
+out:
+    return rv;
+}
+
+/* KMS_WRITE_AUDIT_KEY: read the recorded MAC key id under the audit lock,
+ * or create the key and record it. */
+static p11kms_status run_audit_key(kms_gc *gc, kms_write *w)
+{
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    int found = 0;
+
+    if (gc->ops->audit_key_get == NULL || gc->ops->audit_key_put == NULL)
+        goto out;
+    if (gc->ops->audit_key_get(gc->ctx, w->u.audit_key.id, &found) != P11KMS_OK)
+        goto out;
+    rv = P11KMS_OK;
+    if (found)
+        goto out;
+    rv = w->u.audit_key.create(w->u.audit_key.arg, w->u.audit_key.id);
+    if (rv != P11KMS_OK)
+        goto out;
+    rv = gc->ops->audit_key_put(gc->ctx, w->u.audit_key.id);
+    if (rv == P11KMS_OK)
+        w->u.audit_key.created = 1;
+    else
+        rv = P11KMS_ERR_STORE_UNAVAILABLE;
+out:
+    return rv;
+}
+
 /* Run one group; returns 1 if it committed.  Called without gc->mu. */
-static int run_group(kms_gc *gc, kms_write *batch, size_t n)
+static int run_group(kms_gc *gc, kms_write *batch, size_t n, kms_audit_mac_fn mac_fn,
+                     void *mac_arg)
 {
     kms_write *w = batch;
     int committed = 0;
@@ -59,7 +191,10 @@ static int run_group(kms_gc *gc, kms_write *batch, size_t n)
         goto out;
     }
     for (size_t i = 0; i < n; i++, w = w->next) {
-        w->result = gc->ops->apply(gc->ctx, w);
+        if (w->type == KMS_WRITE_AUDIT_KEY)
+            w->result = run_audit_key(gc, w);
+        else
+            w->result = gc->ops->apply(gc->ctx, w);
         if (w->result == P11KMS_ERR_STORE_UNAVAILABLE) {
             LOG_ERROR("store", "write %zu of a group of %zu failed: rolling the group back", i + 1,
                       n);
@@ -67,6 +202,11 @@ static int run_group(kms_gc *gc, kms_write *batch, size_t n)
             fail_all(batch, n);
             goto out;
         }
+    }
+    if (append_audit(gc, batch, mac_fn, mac_arg) != P11KMS_OK) {
+        gc->ops->rollback(gc->ctx);
+        fail_all(batch, n);
+        goto out;
     }
     if (gc->ops->commit(gc->ctx) != P11KMS_OK) {
         gc->ops->rollback(gc->ctx);
@@ -85,6 +225,8 @@ static void *writer_main(void *arg)
     pthread_mutex_lock(&gc->mu);
     for (;;) {
         kms_write *batch, *last, *w, *next;
+        kms_audit_mac_fn mac_fn;
+        void *mac_arg;
         size_t n = 1;
         int committed;
 
@@ -103,9 +245,11 @@ static void *writer_main(void *arg)
             gc->tail = NULL;
         last->next = NULL;
         gc->queued -= n;
+        mac_fn = gc->mac_fn;
+        mac_arg = gc->mac_arg;
         pthread_mutex_unlock(&gc->mu);
 
-        committed = run_group(gc, batch, n);
+        committed = run_group(gc, batch, n, mac_fn, mac_arg);
 
         pthread_mutex_lock(&gc->mu);
         if (committed) {
@@ -116,6 +260,8 @@ static void *writer_main(void *arg)
         }
         for (w = batch; w != NULL; w = next) {
             next = w->next;
+            for (size_t i = 0; committed && i < w->n_audit; i++)
+                w->audit[i].committed = !entries_skipped(w);
             w->done = 1; /* w may be gone once mu is released */
         }
         pthread_cond_broadcast(&gc->done_cv);
@@ -206,6 +352,16 @@ void kms_gc_stop(kms_gc *gc)
     pthread_cond_destroy(&gc->work_cv);
     pthread_mutex_destroy(&gc->mu);
     free(gc);
+}
+
+void kms_gc_audit_attach(kms_gc *gc, kms_audit_mac_fn fn, void *arg)
+{
+    if (gc == NULL)
+        return;
+    pthread_mutex_lock(&gc->mu);
+    gc->mac_fn = fn;
+    gc->mac_arg = arg;
+    pthread_mutex_unlock(&gc->mu);
 }
 
 void kms_gc_stats(kms_gc *gc, kms_store_stats_ex *out)

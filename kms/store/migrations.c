@@ -31,6 +31,17 @@
  *   deks_by_key (key_id, id) serves cursor pagination by key over every
  *                 state (ORDER BY id from the cursor, no sort step), so a
  *                 page costs O(limit) however many DEKs the key has.
+ *
+ * Version 3 (issue 5, the audit log; docs/audit.md):
+ *   audit         one row per entry, seq = commit order: who, what, on
+ *                 which key/version/DEK, the result and error code, the
+ *                 chain (prev_hash, hash) and, on the last entry of each
+ *                 commit group, the token's HMAC of the group.  No CHECK
+ *                 constraints beyond NOT NULL: rows are verified, not
+ *                 trusted, and an edited row must still be readable.
+ *   audit_head    one row: (seq, hash) of the last sealed entry, written
+ *                 in the same transaction (a deleted tail shows).
+ *   audit_key     one row: the CKA_ID of the audit MAC key in the token.
  */
 #include "kms/store/store_internal.h"
 
@@ -93,6 +104,31 @@ static const migration migrations[] = {
      "CREATE INDEX deks_by_state ON deks (key_id, state, id);\n"},
     {2, "deks_by_key: DEK pagination by key over every state",
      "CREATE INDEX deks_by_key ON deks (key_id, id);\n"},
+    {3, "audit log: audit, audit_head, audit_key",
+     "CREATE TABLE audit (\n"
+     "    seq        INTEGER PRIMARY KEY,\n"
+     "    time       INTEGER NOT NULL,\n"
+     "    principal  TEXT    NOT NULL,\n"
+     "    operation  TEXT    NOT NULL,\n"
+     "    key        TEXT,\n"
+     "    version    INTEGER,\n"
+     "    dek_id     TEXT,\n"
+     "    result     TEXT    NOT NULL,\n"
+     "    error_code TEXT,\n"
+     "    prev_hash  BLOB    NOT NULL,\n"
+     "    hash       BLOB    NOT NULL,\n"
+     "    mac        BLOB\n"
+     ");\n"
+     "CREATE TABLE audit_head (\n"
+     "    id   INTEGER PRIMARY KEY CHECK (id = 1),\n"
+     "    seq  INTEGER NOT NULL,\n"
+     "    hash BLOB    NOT NULL\n"
+     ");\n"
+     "CREATE TABLE audit_key (\n"
+     "    id       INTEGER PRIMARY KEY CHECK (id = 1),\n"
+     "    token_id BLOB    NOT NULL CHECK (length(token_id) = 16),\n"
+     "    created  INTEGER NOT NULL\n"
+     ");\n"},
 };
 
 #define N_MIGRATIONS (sizeof(migrations) / sizeof(migrations[0]))

@@ -36,6 +36,14 @@
  * once and without waiting, after each later commit until it succeeds
  * (wipe_pending stays set), so a long reader does not slow every commit.
  *
+ * Key rotation (issue 3): a new version is inserted only if the key's
+ * latest_version is still the one the caller read (compare-and-set in the
+ * writer's transaction); a rewrap batch moves each DEK only if it is
+ * still on the version it was read on with its wrapped bytes present; a
+ * retire re-checks "no live DEK on the version, not the latest" in the
+ * transaction that marks it destroyed; a DEK insert counts its wrap only
+ * on an active version below the wrap cap.
+ *
  * Locking: pool_mu guards the reader free list; writer_failed and the
  * checkpoint counters are atomic; wipe_pending and wipe_new are the
  * writer thread's own.  Nothing else is shared and mutable after open.
@@ -50,6 +58,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "module/log.h"
@@ -78,6 +87,25 @@ enum {
     W_DEK_DESTROY,
     W_BULK_REVOKE,
     W_BULK_DESTROY,
+    W_KEY_LATEST,
+    W_VERSION_ADD,
+    W_KEY_SET_LATEST,
+    W_KEY_SET_STATE,
+    W_KEY_SET_MIN,
+    W_KEY_SET_PERIOD,
+    W_VERSION_STATE,
+    W_VERSION_EXISTS,
+    W_VERSION_BUMP,
+    W_VERSION_LIVE,
+    W_VERSION_DESTROY,
+    W_DEK_REWRAP,
+    W_AUDIT_HEAD_GET,
+    W_AUDIT_LAST,
+    W_AUDIT_INSERT,
+    W_AUDIT_SEAL,
+    W_AUDIT_HEAD_SET,
+    W_AUDIT_KEY_GET,
+    W_AUDIT_KEY_PUT,
     W_COUNT
 };
 
@@ -97,8 +125,11 @@ static const char *const writer_sql[W_COUNT] = {
                      "rotation_period, created) VALUES (?1, 'enabled', 1, 1, 0, ?2)",
     [W_VERSION_INSERT] = "INSERT INTO key_versions (key_id, version, state, token_id, created, "
                          "wrap_count) VALUES (?1, 1, 'active', ?2, ?3, 0)",
+    /* Count a wrap only on an active version below its cap (?3): the
+     * check and the count are one statement of the writer's transaction. */
     [W_WRAP_COUNT] = "UPDATE key_versions SET wrap_count = wrap_count + 1 "
-                     "WHERE key_id = (SELECT id FROM keys WHERE name = ?1) AND version = ?2",
+                     "WHERE key_id = (SELECT id FROM keys WHERE name = ?1) AND version = ?2 "
+                     "AND state = 'active' AND wrap_count < ?3",
     [W_DEK_INSERT] = "INSERT INTO deks (id, key_id, version, state, context, wrapped, created) "
                      "SELECT ?1, id, ?3, 'active', ?4, ?5, ?6 FROM keys WHERE name = ?2",
     [W_KEY_ID] = "SELECT id FROM keys WHERE name = ?1",
@@ -112,6 +143,37 @@ static const char *const writer_sql[W_COUNT] = {
     [W_BULK_DESTROY] =
         "UPDATE deks SET state = 'destroyed', wrapped = NULL, destroyed_at = ?3 "
         "WHERE key_id = ?1 AND state IN ('active', 'revoked') AND " SQ_CONTEXT_HOLDS_FILTER,
+    /* Key rotation (issue 3). */
+    [W_KEY_LATEST] = "SELECT id, latest_version FROM keys WHERE name = ?1",
+    [W_VERSION_ADD] = "INSERT INTO key_versions (key_id, version, state, token_id, created, "
+                      "wrap_count) VALUES (?1, ?2, 'active', ?3, ?4, 0)",
+    [W_KEY_SET_LATEST] = "UPDATE keys SET latest_version = ?2 WHERE id = ?1 AND latest_version = ?3",
+    [W_KEY_SET_STATE] = "UPDATE keys SET state = ?2 WHERE name = ?1",
+    [W_KEY_SET_MIN] = "UPDATE keys SET min_decrypt_version = ?2 WHERE id = ?1",
+    [W_KEY_SET_PERIOD] = "UPDATE keys SET rotation_period = ?2 WHERE id = ?1",
+    [W_VERSION_STATE] = "SELECT state = 'active' FROM key_versions WHERE key_id = ?1 AND version = ?2",
+    [W_VERSION_EXISTS] = "SELECT 1 FROM key_versions "
+                         "WHERE key_id = (SELECT id FROM keys WHERE name = ?1) AND version = ?2",
+    [W_VERSION_BUMP] = "UPDATE key_versions SET wrap_count = wrap_count + ?3 "
+                       "WHERE key_id = ?1 AND version = ?2 AND state = 'active'",
+    [W_VERSION_LIVE] = "SELECT EXISTS (SELECT 1 FROM deks WHERE key_id = ?1 AND version = ?2 "
+                       "AND state IN ('active', 'revoked'))",
+    [W_VERSION_DESTROY] = "UPDATE key_versions SET state = 'destroyed', destroyed_at = ?3 "
+                          "WHERE key_id = ?1 AND version = ?2 AND state = 'active'",
+    /* A rewrapped DEK moves only if unchanged since it was read. */
+    [W_DEK_REWRAP] = "UPDATE deks SET version = ?2, wrapped = ?3 WHERE id = ?1 AND key_id = ?5 "
+                     "AND version = ?4 AND wrapped IS NOT NULL",
+    /* The audit log (issue 5): BEGIN IMMEDIATE is the audit lock. */
+    [W_AUDIT_HEAD_GET] = "SELECT seq, hash FROM audit_head WHERE id = 1",
+    [W_AUDIT_LAST] = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1",
+    [W_AUDIT_INSERT] = "INSERT INTO audit (seq, time, principal, operation, key, version, dek_id, "
+                       "result, error_code, prev_hash, hash, mac) "
+                       "VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, NULL)",
+    [W_AUDIT_SEAL] = "UPDATE audit SET mac = ?2 WHERE seq = ?1",
+    [W_AUDIT_HEAD_SET] = "INSERT INTO audit_head (id, seq, hash) VALUES (1, ?1, ?2) "
+                         "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
+    [W_AUDIT_KEY_GET] = "SELECT token_id FROM audit_key WHERE id = 1",
+    [W_AUDIT_KEY_PUT] = "INSERT INTO audit_key (id, token_id, created) VALUES (1, ?1, ?2)",
 };
 
 /* Key rows joined with their versions and live DEK counts (one statement:
@@ -140,6 +202,12 @@ enum {
     R_KEY_ID,
     R_DEK_LIST,
     R_DEK_LIST_STATE,
+    R_TOKEN_IDS_DESTROYED,
+    R_REWRAP_READ,
+    R_REWRAP_REMAINING,
+    R_ROTATION_DUE,
+    R_AUDIT_LIST,
+    R_AUDIT_HEAD,
     R_COUNT
 };
 
@@ -167,6 +235,25 @@ static const char *const reader_sql[R_COUNT] = {
     [R_DEK_LIST_STATE] = SQ_DEK_COLUMNS "NULL FROM deks d JOIN keys k ON k.id = d.key_id "
                                         "WHERE d.key_id = ?1 AND d.state = ?4 AND d.id > ?2 "
                                         "ORDER BY d.id LIMIT ?3",
+    [R_TOKEN_IDS_DESTROYED] = "SELECT token_id FROM key_versions WHERE state = 'destroyed' "
+                              "ORDER BY key_id, version",
+    /* A rewrap batch: one pass over the key's DEKs in id order from the
+     * cursor (deks_by_key), so a whole rewrap is one walk over the key. */
+    [R_REWRAP_READ] = SQ_DEK_COLUMNS "d.wrapped FROM deks AS d INDEXED BY deks_by_key "
+                                     "JOIN keys k ON k.id = d.key_id "
+                                     "WHERE d.key_id = ?1 AND d.id > ?2 AND d.version < ?3 "
+                                     "AND d.state IN ('active', 'revoked') "
+                                     "ORDER BY d.id LIMIT ?4",
+    [R_REWRAP_REMAINING] = "SELECT count(*) FROM deks WHERE key_id = ?1 AND version < ?2 "
+                           "AND state IN ('active', 'revoked')",
+    [R_ROTATION_DUE] = "SELECT k.name, k.latest_version FROM keys k JOIN key_versions v "
+                       "ON v.key_id = k.id AND v.version = k.latest_version "
+                       "WHERE k.state = 'enabled' AND k.rotation_period > 0 "
+                       "AND v.created + k.rotation_period <= ?1 ORDER BY k.name",
+    [R_AUDIT_LIST] = "SELECT seq, time, principal, operation, key, version, dek_id, result, "
+                     "error_code, prev_hash, hash, mac FROM audit WHERE seq > ?1 "
+                     "ORDER BY seq LIMIT ?2",
+    [R_AUDIT_HEAD] = "SELECT seq, hash FROM audit_head WHERE id = 1",
 };
 
 /* ---- types -------------------------------------------------------------- */
@@ -585,24 +672,42 @@ out:
     return rv;
 }
 
-static p11kms_status apply_dek_insert(sq_store *s, const kms_write *w)
+static int step_int64(sqlite3_stmt *q, int *found, sqlite3_int64 *value);
+
+static p11kms_status apply_dek_insert(sq_store *s, kms_write *w)
 {
     sqlite3 *db = s->writer.db;
     const kms_dek_rec *d = w->u.dek_insert.dek;
     sqlite3_stmt *upd = s->writer.stmt[W_WRAP_COUNT];
     sqlite3_stmt *ins = s->writer.stmt[W_DEK_INSERT];
+    sqlite3_stmt *ex = s->writer.stmt[W_VERSION_EXISTS];
     p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
-    int rc;
+    uint64_t cap = w->u.dek_insert.max_wraps;
+    sqlite3_int64 one = 0;
+    int rc, found = 0;
 
     sqlite3_bind_text(upd, 1, d->key, -1, SQLITE_STATIC);
     sqlite3_bind_int64(upd, 2, d->version);
+    sqlite3_bind_int64(upd, 3, cap > (uint64_t)INT64_MAX ? INT64_MAX : (sqlite3_int64)cap);
     rc = step_done(upd);
     if (rc != SQLITE_DONE) {
         rv = is_constraint(rc) ? P11KMS_ERR_INTERNAL : SQ_FAIL(db, rc, "counting a wrap");
         goto out;
     }
     if (sqlite3_changes(db) != 1) {
+        /* The version is missing, destroyed, or full. */
+        sqlite3_bind_text(ex, 1, d->key, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(ex, 2, d->version);
+        rc = step_int64(ex, &found, &one);
+        if (rc != SQLITE_DONE) {
+            rv = SQ_FAIL(db, rc, "reading a key version");
+            goto out;
+        }
         rv = P11KMS_ERR_KEY_NOT_FOUND;
+        if (found && w->u.dek_insert.max_wraps != UINT64_MAX) {
+            w->u.dek_insert.refused = 1;
+            rv = P11KMS_OK; /* nothing written: the caller rotates and retries */
+        }
         goto out;
     }
     sqlite3_bind_text(ins, 1, d->id, -1, SQLITE_STATIC);
@@ -745,6 +850,255 @@ out:
     return rv;
 }
 
+/* ---- key rotation writes (issue 3) ---- */
+
+/* The key's row id and latest_version, read inside the transaction. */
+static p11kms_status key_latest(sq_store *s, const char *name, sqlite3_int64 *key_id,
+                                uint32_t *latest)
+{
+    sqlite3_stmt *q = s->writer.stmt[W_KEY_LATEST];
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    int rc;
+
+    sqlite3_bind_text(q, 1, name, -1, SQLITE_STATIC);
+    rc = sqlite3_step(q);
+    if (rc == SQLITE_DONE) {
+        rv = P11KMS_ERR_KEY_NOT_FOUND;
+        goto out;
+    }
+    if (rc != SQLITE_ROW) {
+        rv = SQ_FAIL(s->writer.db, rc, "reading a key");
+        goto out;
+    }
+    *key_id = sqlite3_column_int64(q, 0);
+    *latest = (uint32_t)sqlite3_column_int64(q, 1);
+    rv = P11KMS_OK;
+out:
+    sqlite3_reset(q);
+    sqlite3_clear_bindings(q);
+    return rv;
+}
+
+static p11kms_status apply_version_add(sq_store *s, kms_write *w)
+{
+    sqlite3 *db = s->writer.db;
+    sqlite3_stmt *ins = s->writer.stmt[W_VERSION_ADD];
+    sqlite3_stmt *upd = s->writer.stmt[W_KEY_SET_LATEST];
+    p11kms_status rv;
+    sqlite3_int64 key_id = 0;
+    uint32_t latest = 0, next = w->u.version_add.expected_latest + 1;
+    int rc;
+
+    rv = key_latest(s, w->u.version_add.name, &key_id, &latest);
+    if (rv != P11KMS_OK)
+        goto out;
+    if (latest != w->u.version_add.expected_latest) {
+        w->u.version_add.added = 0; /* another rotation won */
+        goto out;
+    }
+    sqlite3_bind_int64(ins, 1, key_id);
+    sqlite3_bind_int64(ins, 2, next);
+    sqlite3_bind_blob(ins, 3, w->u.version_add.token_id, KMS_TOKEN_ID_LEN, SQLITE_STATIC);
+    sqlite3_bind_int64(ins, 4, w->u.version_add.now);
+    rc = step_done(ins);
+    if (is_constraint(rc)) {
+        LOG_ERROR("store", "key version refused: %s", sqlite3_errmsg(db));
+        rv = P11KMS_ERR_INTERNAL;
+        goto out;
+    }
+    if (rc != SQLITE_DONE) {
+        rv = SQ_FAIL(db, rc, "inserting a key version");
+        goto out;
+    }
+    sqlite3_bind_int64(upd, 1, key_id);
+    sqlite3_bind_int64(upd, 2, next);
+    sqlite3_bind_int64(upd, 3, latest);
+    rc = step_done(upd);
+    if (rc != SQLITE_DONE) {
+        rv = is_constraint(rc) ? P11KMS_ERR_INTERNAL : SQ_FAIL(db, rc, "updating latest_version");
+        goto out;
+    }
+    if (sqlite3_changes(db) != 1) {
+        rv = P11KMS_ERR_INTERNAL; /* read just above in this transaction */
+        goto out;
+    }
+    w->u.version_add.added = next;
+out:
+    return rv;
+}
+
+static p11kms_status apply_key_meta(sq_store *s, kms_write *w)
+{
+    sqlite3 *db = s->writer.db;
+    sqlite3_stmt *q;
+    p11kms_status rv;
+    sqlite3_int64 key_id = 0;
+    uint32_t latest = 0, min = w->u.key_meta.min_decrypt_version;
+    int rc;
+
+    rv = key_latest(s, w->u.key_meta.name, &key_id, &latest);
+    if (rv != P11KMS_OK)
+        goto out;
+    if (w->type == KMS_WRITE_KEY_SET_STATE) {
+        q = s->writer.stmt[W_KEY_SET_STATE];
+        sqlite3_bind_text(q, 1, w->u.key_meta.name, -1, SQLITE_STATIC);
+        sqlite3_bind_text(q, 2, kms_key_state_name(w->u.key_meta.state), -1, SQLITE_STATIC);
+        rc = step_done(q);
+        if (rc != SQLITE_DONE)
+            rv = is_constraint(rc) ? P11KMS_ERR_INTERNAL : SQ_FAIL(db, rc, "setting a key state");
+        goto out;
+    }
+    if (min != 0 && min > latest) {
+        rv = P11KMS_ERR_BAD_REQUEST;
+        goto out;
+    }
+    if (min != 0) {
+        q = s->writer.stmt[W_KEY_SET_MIN];
+        sqlite3_bind_int64(q, 1, key_id);
+        sqlite3_bind_int64(q, 2, min);
+        rc = step_done(q);
+        if (rc != SQLITE_DONE) {
+            rv = is_constraint(rc) ? P11KMS_ERR_BAD_REQUEST
+                                   : SQ_FAIL(db, rc, "setting min_decrypt_version");
+            goto out;
+        }
+    }
+    if (w->u.key_meta.rotation_period >= 0) {
+        q = s->writer.stmt[W_KEY_SET_PERIOD];
+        sqlite3_bind_int64(q, 1, key_id);
+        sqlite3_bind_int64(q, 2, w->u.key_meta.rotation_period);
+        rc = step_done(q);
+        if (rc != SQLITE_DONE) {
+            rv = is_constraint(rc) ? P11KMS_ERR_BAD_REQUEST
+                                   : SQ_FAIL(db, rc, "setting rotation_period");
+            goto out;
+        }
+    }
+out:
+    return rv;
+}
+
+/* *active: version `version` of key_id exists and is active. */
+static p11kms_status version_active(sq_store *s, sqlite3_int64 key_id, uint32_t version,
+                                    int *exists, int *active)
+{
+    sqlite3_stmt *q = s->writer.stmt[W_VERSION_STATE];
+    sqlite3_int64 v = 0;
+    int rc;
+
+    sqlite3_bind_int64(q, 1, key_id);
+    sqlite3_bind_int64(q, 2, version);
+    rc = step_int64(q, exists, &v);
+    if (rc != SQLITE_DONE)
+        return SQ_FAIL(s->writer.db, rc, "reading a key version");
+    *active = *exists && v != 0;
+    return P11KMS_OK;
+}
+
+static p11kms_status apply_rewrap(sq_store *s, kms_write *w)
+{
+    sqlite3 *db = s->writer.db;
+    sqlite3_stmt *upd = s->writer.stmt[W_DEK_REWRAP];
+    sqlite3_stmt *bump = s->writer.stmt[W_VERSION_BUMP];
+    p11kms_status rv;
+    sqlite3_int64 key_id = 0;
+    uint32_t latest = 0;
+    uint64_t moved = 0;
+    int exists = 0, active = 0, rc;
+
+    w->u.rewrap.updated = 0;
+    rv = key_latest(s, w->u.rewrap.name, &key_id, &latest);
+    if (rv != P11KMS_OK)
+        goto out;
+    rv = version_active(s, key_id, w->u.rewrap.new_version, &exists, &active);
+    if (rv != P11KMS_OK || !active)
+        goto out; /* the target was retired meanwhile: nothing moves */
+    for (size_t i = 0; i < w->u.rewrap.n; i++) {
+        const kms_rewrap_item *it = &w->u.rewrap.items[i];
+
+        sqlite3_bind_text(upd, 1, it->id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(upd, 2, w->u.rewrap.new_version);
+        sqlite3_bind_blob(upd, 3, it->wrapped, (int)it->wrapped_len, SQLITE_STATIC);
+        sqlite3_bind_int64(upd, 4, it->old_version);
+        sqlite3_bind_int64(upd, 5, key_id);
+        rc = step_done(upd);
+        if (is_constraint(rc)) {
+            LOG_ERROR("store", "rewrapped DEK %s refused: %s", it->id, sqlite3_errmsg(db));
+            rv = P11KMS_ERR_INTERNAL;
+            goto out;
+        }
+        if (rc != SQLITE_DONE) {
+            rv = SQ_FAIL(db, rc, "storing a rewrapped DEK");
+            goto out;
+        }
+        moved += (uint64_t)sqlite3_changes(db);
+    }
+    if (moved > 0) {
+        sqlite3_bind_int64(bump, 1, key_id);
+        sqlite3_bind_int64(bump, 2, w->u.rewrap.new_version);
+        sqlite3_bind_int64(bump, 3, (sqlite3_int64)moved);
+        rc = step_done(bump);
+        if (rc != SQLITE_DONE || sqlite3_changes(db) != 1) {
+            rv = rc != SQLITE_DONE && !is_constraint(rc) ? SQ_FAIL(db, rc, "counting rewraps")
+                                                         : P11KMS_ERR_INTERNAL;
+            goto out;
+        }
+    }
+    w->u.rewrap.updated = moved;
+out:
+    return rv;
+}
+
+static p11kms_status apply_version_retire(sq_store *s, kms_write *w)
+{
+    sqlite3 *db = s->writer.db;
+    sqlite3_stmt *live = s->writer.stmt[W_VERSION_LIVE];
+    sqlite3_stmt *del = s->writer.stmt[W_VERSION_DESTROY];
+    p11kms_status rv;
+    sqlite3_int64 key_id = 0, in_use = 0;
+    uint32_t latest = 0;
+    int exists = 0, active = 0, found = 0, rc;
+
+    rv = key_latest(s, w->u.retire.name, &key_id, &latest);
+    if (rv != P11KMS_OK)
+        goto out;
+    rv = version_active(s, key_id, w->u.retire.version, &exists, &active);
+    if (rv != P11KMS_OK)
+        goto out;
+    if (!exists) {
+        rv = P11KMS_ERR_KEY_NOT_FOUND;
+        goto out;
+    }
+    if (!active)
+        goto out; /* already destroyed: idempotent */
+    if (w->u.retire.version == latest) {
+        rv = P11KMS_ERR_KEY_VERSION_IN_USE;
+        goto out;
+    }
+    sqlite3_bind_int64(live, 1, key_id);
+    sqlite3_bind_int64(live, 2, w->u.retire.version);
+    rc = step_int64(live, &found, &in_use);
+    if (rc != SQLITE_DONE) {
+        rv = SQ_FAIL(db, rc, "counting live DEKs of a version");
+        goto out;
+    }
+    if (in_use) {
+        rv = P11KMS_ERR_KEY_VERSION_IN_USE;
+        goto out;
+    }
+    sqlite3_bind_int64(del, 1, key_id);
+    sqlite3_bind_int64(del, 2, w->u.retire.version);
+    sqlite3_bind_int64(del, 3, w->u.retire.now);
+    rc = step_done(del);
+    if (rc != SQLITE_DONE) {
+        rv = is_constraint(rc) ? P11KMS_ERR_INTERNAL : SQ_FAIL(db, rc, "retiring a key version");
+        goto out;
+    }
+    rv = sqlite3_changes(db) == 1 ? P11KMS_OK : P11KMS_ERR_INTERNAL;
+out:
+    return rv;
+}
+
 static p11kms_status sq_gc_apply(void *ctx, kms_write *w)
 {
     sq_store *s = ctx;
@@ -763,6 +1117,11 @@ static p11kms_status sq_gc_apply(void *ctx, kms_write *w)
     case KMS_WRITE_DEK_INSERT: rv = apply_dek_insert(s, w); break;
     case KMS_WRITE_DEK_REVOKE:
     case KMS_WRITE_DEK_DESTROY: rv = apply_dek_state(s, w); break;
+    case KMS_WRITE_VERSION_ADD: rv = apply_version_add(s, w); break;
+    case KMS_WRITE_KEY_SET_STATE:
+    case KMS_WRITE_KEY_CONFIG: rv = apply_key_meta(s, w); break;
+    case KMS_WRITE_REWRAP: rv = apply_rewrap(s, w); break;
+    case KMS_WRITE_VERSION_RETIRE: rv = apply_version_retire(s, w); break;
     default: rv = P11KMS_ERR_INTERNAL; break;
     }
     if (rv == P11KMS_ERR_STORE_UNAVAILABLE)
@@ -781,11 +1140,142 @@ out:
     return rv;
 }
 
+/* ---- the audit log (writer thread; inside the group's transaction) ---- */
+
+/* Bind text, or NULL for "". */
+static void bind_text_or_null(sqlite3_stmt *q, int i, const char *v)
+{
+    if (v[0] != '\0')
+        sqlite3_bind_text(q, i, v, -1, SQLITE_STATIC);
+    else
+        sqlite3_bind_null(q, i);
+}
+
+/* A (seq, hash) row; *found 0 when there is none. */
+static p11kms_status seq_hash_row(sqlite3 *db, sqlite3_stmt *q, int *found, uint64_t *seq,
+                                  unsigned char hash[KMS_AUDIT_HASH_LEN])
+{
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    int rc = sqlite3_step(q);
+
+    *found = 0;
+    if (rc == SQLITE_ROW) {
+        *found = 1;
+        *seq = (uint64_t)sqlite3_column_int64(q, 0);
+        memset(hash, 0, KMS_AUDIT_HASH_LEN);
+        if (sqlite3_column_bytes(q, 1) == KMS_AUDIT_HASH_LEN)
+            memcpy(hash, sqlite3_column_blob(q, 1), KMS_AUDIT_HASH_LEN);
+        rc = SQLITE_DONE;
+    }
+    if (rc != SQLITE_DONE)
+        SQ_FAIL(db, rc, "reading the audit head");
+    else
+        rv = P11KMS_OK;
+    sqlite3_reset(q);
+    return rv;
+}
+
+static p11kms_status sq_gc_audit_head(void *ctx, kms_audit_head *head, uint64_t *last_seq,
+                                      unsigned char last_hash[KMS_AUDIT_HASH_LEN])
+{
+    sq_store *s = ctx;
+    p11kms_status rv;
+    int found = 0;
+
+    rv = seq_hash_row(s->writer.db, s->writer.stmt[W_AUDIT_HEAD_GET], &head->present, &head->seq,
+                      head->hash);
+    if (rv != P11KMS_OK)
+        return rv;
+    *last_seq = 0;
+    rv = seq_hash_row(s->writer.db, s->writer.stmt[W_AUDIT_LAST], &found, last_seq, last_hash);
+    if (rv == P11KMS_OK && !found)
+        *last_seq = 0;
+    return rv;
+}
+
+static p11kms_status sq_gc_audit_insert(void *ctx, const kms_audit_entry *e)
+{
+    sq_store *s = ctx;
+    sqlite3_stmt *q = s->writer.stmt[W_AUDIT_INSERT];
+    int rc;
+
+    sqlite3_bind_int64(q, 1, (sqlite3_int64)e->seq);
+    sqlite3_bind_int64(q, 2, e->time);
+    sqlite3_bind_text(q, 3, e->principal, -1, SQLITE_STATIC);
+    sqlite3_bind_text(q, 4, e->operation, -1, SQLITE_STATIC);
+    bind_text_or_null(q, 5, e->key);
+    if (e->version != 0)
+        sqlite3_bind_int64(q, 6, e->version);
+    else
+        sqlite3_bind_null(q, 6);
+    bind_text_or_null(q, 7, e->dek_id);
+    sqlite3_bind_text(q, 8, kms_audit_result_name(e->result), -1, SQLITE_STATIC);
+    bind_text_or_null(q, 9, e->error_code);
+    sqlite3_bind_blob(q, 10, e->prev_hash, KMS_AUDIT_HASH_LEN, SQLITE_STATIC);
+    sqlite3_bind_blob(q, 11, e->hash, KMS_AUDIT_HASH_LEN, SQLITE_STATIC);
+    rc = step_done(q);
+    return rc == SQLITE_DONE ? P11KMS_OK : SQ_FAIL(s->writer.db, rc, "appending an audit entry");
+}
+
+static p11kms_status sq_gc_audit_seal(void *ctx, const kms_audit_entry *e)
+{
+    sq_store *s = ctx;
+    sqlite3_stmt *q = s->writer.stmt[W_AUDIT_SEAL];
+    int rc;
+
+    sqlite3_bind_int64(q, 1, (sqlite3_int64)e->seq);
+    sqlite3_bind_blob(q, 2, e->mac, KMS_AUDIT_MAC_LEN, SQLITE_STATIC);
+    rc = step_done(q);
+    if (rc != SQLITE_DONE || sqlite3_changes(s->writer.db) != 1)
+        return SQ_FAIL(s->writer.db, rc, "sealing the audit log");
+    q = s->writer.stmt[W_AUDIT_HEAD_SET];
+    sqlite3_bind_int64(q, 1, (sqlite3_int64)e->seq);
+    sqlite3_bind_blob(q, 2, e->hash, KMS_AUDIT_HASH_LEN, SQLITE_STATIC);
+    rc = step_done(q);
+    return rc == SQLITE_DONE ? P11KMS_OK : SQ_FAIL(s->writer.db, rc, "recording the audit head");
+}
+
+static p11kms_status sq_gc_audit_key_get(void *ctx, unsigned char id[KMS_TOKEN_ID_LEN],
+                                         int *found)
+{
+    sq_store *s = ctx;
+    sqlite3_stmt *q = s->writer.stmt[W_AUDIT_KEY_GET];
+    p11kms_status rv = P11KMS_OK;
+    int rc = sqlite3_step(q);
+
+    *found = 0;
+    if (rc == SQLITE_ROW && sqlite3_column_bytes(q, 0) == KMS_TOKEN_ID_LEN) {
+        memcpy(id, sqlite3_column_blob(q, 0), KMS_TOKEN_ID_LEN);
+        *found = 1;
+    } else if (rc != SQLITE_DONE) {
+        rv = SQ_FAIL(s->writer.db, rc, "reading the audit key id");
+    }
+    sqlite3_reset(q);
+    return rv;
+}
+
+static p11kms_status sq_gc_audit_key_put(void *ctx, const unsigned char id[KMS_TOKEN_ID_LEN])
+{
+    sq_store *s = ctx;
+    sqlite3_stmt *q = s->writer.stmt[W_AUDIT_KEY_PUT];
+    int rc;
+
+    sqlite3_bind_blob(q, 1, id, KMS_TOKEN_ID_LEN, SQLITE_STATIC);
+    sqlite3_bind_int64(q, 2, (sqlite3_int64)time(NULL));
+    rc = step_done(q);
+    return rc == SQLITE_DONE ? P11KMS_OK : SQ_FAIL(s->writer.db, rc, "recording the audit key id");
+}
+
 static const kms_gc_ops sq_gc_ops = {
     .begin = sq_gc_begin,
     .apply = sq_gc_apply,
     .commit = sq_gc_commit,
     .rollback = sq_gc_rollback,
+    .audit_head = sq_gc_audit_head,
+    .audit_insert = sq_gc_audit_insert,
+    .audit_seal = sq_gc_audit_seal,
+    .audit_key_get = sq_gc_audit_key_get,
+    .audit_key_put = sq_gc_audit_key_put,
 };
 
 /* ---- open / close ------------------------------------------------------- */
@@ -1151,12 +1641,12 @@ out:
     return rv;
 }
 
-static p11kms_status sq_token_ids(kms_store *st, unsigned char (**ids)[KMS_TOKEN_ID_LEN],
-                                  size_t *count)
+static p11kms_status sq_token_ids(kms_store *st, int destroyed_only,
+                                  unsigned char (**ids)[KMS_TOKEN_ID_LEN], size_t *count)
 {
     sq_store *s = sq_of(st);
     sq_conn *c = reader_get(s);
-    sqlite3_stmt *q = c->stmt[R_TOKEN_IDS];
+    sqlite3_stmt *q = c->stmt[destroyed_only ? R_TOKEN_IDS_DESTROYED : R_TOKEN_IDS];
     p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
     unsigned char(*arr)[KMS_TOKEN_ID_LEN] = NULL, (*grown)[KMS_TOKEN_ID_LEN];
     size_t n = 0, cap = 0;
@@ -1193,6 +1683,128 @@ out:
     return rv;
 }
 
+/* The row id of key `name` on reader c.  KEY_NOT_FOUND. */
+static p11kms_status reader_key_id(sq_conn *c, const char *name, sqlite3_int64 *key_id)
+{
+    int found = 0, rc;
+
+    sqlite3_bind_text(c->stmt[R_KEY_ID], 1, name, -1, SQLITE_STATIC);
+    rc = step_int64(c->stmt[R_KEY_ID], &found, key_id);
+    if (rc != SQLITE_DONE)
+        return SQ_FAIL(c->db, rc, "looking up a key");
+    return found ? P11KMS_OK : P11KMS_ERR_KEY_NOT_FOUND;
+}
+
+static p11kms_status sq_rewrap_read(kms_store *st, const char *name, uint32_t below_version,
+                                    const char *cursor, size_t limit, kms_dek_rec ***out,
+                                    size_t *count)
+{
+    sq_store *s = sq_of(st);
+    sq_conn *c = reader_get(s);
+    sqlite3_stmt *q = c->stmt[R_REWRAP_READ];
+    p11kms_status rv;
+    kms_dek_rec **deks = NULL;
+    sqlite3_int64 key_id = 0;
+    size_t n = 0;
+    int rc;
+
+    rv = reader_key_id(c, name, &key_id);
+    if (rv != P11KMS_OK)
+        goto out;
+    rv = P11KMS_ERR_NO_MEMORY;
+    deks = calloc(limit, sizeof(*deks));
+    if (deks == NULL)
+        goto out;
+    sqlite3_bind_int64(q, 1, key_id);
+    sqlite3_bind_text(q, 2, cursor, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(q, 3, below_version);
+    sqlite3_bind_int64(q, 4, (sqlite3_int64)limit);
+    while (n < limit && (rc = sqlite3_step(q)) == SQLITE_ROW) {
+        rv = dek_from_row(q, &deks[n]);
+        if (rv != P11KMS_OK)
+            goto out;
+        n++;
+    }
+    if (n < limit && rc != SQLITE_DONE) {
+        rv = SQ_FAIL(c->db, rc, "reading a rewrap batch");
+        goto out;
+    }
+    *out = deks;
+    *count = n;
+    deks = NULL;
+    rv = P11KMS_OK;
+out:
+    reader_put(s, c);
+    kms_dek_list_free(deks, n);
+    return rv;
+}
+
+static p11kms_status sq_rewrap_remaining(kms_store *st, const char *name, uint32_t below_version,
+                                         uint64_t *count)
+{
+    sq_store *s = sq_of(st);
+    sq_conn *c = reader_get(s);
+    sqlite3_stmt *q = c->stmt[R_REWRAP_REMAINING];
+    p11kms_status rv;
+    sqlite3_int64 key_id = 0, n = 0;
+    int found = 0, rc;
+
+    rv = reader_key_id(c, name, &key_id);
+    if (rv != P11KMS_OK)
+        goto out;
+    sqlite3_bind_int64(q, 1, key_id);
+    sqlite3_bind_int64(q, 2, below_version);
+    rc = step_int64(q, &found, &n);
+    if (rc != SQLITE_DONE || !found) {
+        rv = SQ_FAIL(c->db, rc, "counting DEKs to rewrap");
+        goto out;
+    }
+    *count = (uint64_t)n;
+out:
+    reader_put(s, c);
+    return rv;
+}
+
+static p11kms_status sq_rotation_due(kms_store *st, int64_t now, kms_rotation_due **out,
+                                     size_t *count)
+{
+    sq_store *s = sq_of(st);
+    sq_conn *c = reader_get(s);
+    sqlite3_stmt *q = c->stmt[R_ROTATION_DUE];
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    kms_rotation_due *arr = NULL, *grown;
+    size_t n = 0, cap = 0;
+    int rc;
+
+    sqlite3_bind_int64(q, 1, now);
+    while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
+        if (n == cap) {
+            cap = cap ? cap * 2 : 8;
+            grown = realloc(arr, cap * sizeof(*arr));
+            if (grown == NULL) {
+                rv = P11KMS_ERR_NO_MEMORY;
+                goto out;
+            }
+            arr = grown;
+        }
+        text_copy(arr[n].name, sizeof(arr[n].name), sqlite3_column_text(q, 0));
+        arr[n].latest_version = (uint32_t)sqlite3_column_int64(q, 1);
+        n++;
+    }
+    if (rc != SQLITE_DONE) {
+        SQ_FAIL(c->db, rc, "reading keys due for rotation");
+        goto out;
+    }
+    *out = arr;
+    *count = n;
+    arr = NULL;
+    rv = P11KMS_OK;
+out:
+    reader_put(s, c);
+    free(arr);
+    return rv;
+}
+
 /* ---- writes ------------------------------------------------------------- */
 
 static p11kms_status sq_key_create(kms_store *st, const char *name,
@@ -1206,11 +1818,81 @@ static p11kms_status sq_key_create(kms_store *st, const char *name,
     return kms_gc_submit(sq_of(st)->gc, &w);
 }
 
-static p11kms_status sq_dek_insert(kms_store *st, const kms_dek_rec *dek)
+static p11kms_status sq_dek_insert(kms_store *st, const kms_dek_rec *dek, uint64_t max_wraps,
+                                   int *refused)
 {
     kms_write w = {.type = KMS_WRITE_DEK_INSERT};
+    p11kms_status rv;
 
     w.u.dek_insert.dek = dek;
+    w.u.dek_insert.max_wraps = max_wraps;
+    rv = kms_gc_submit(sq_of(st)->gc, &w);
+    if (rv == P11KMS_OK && refused != NULL)
+        *refused = w.u.dek_insert.refused;
+    return rv;
+}
+
+static p11kms_status sq_version_add(kms_store *st, const char *name, uint32_t expected_latest,
+                                    const unsigned char token_id[KMS_TOKEN_ID_LEN], int64_t now,
+                                    uint32_t *added)
+{
+    kms_write w = {.type = KMS_WRITE_VERSION_ADD};
+    p11kms_status rv;
+
+    w.u.version_add.name = name;
+    w.u.version_add.expected_latest = expected_latest;
+    w.u.version_add.token_id = token_id;
+    w.u.version_add.now = now;
+    rv = kms_gc_submit(sq_of(st)->gc, &w);
+    if (rv == P11KMS_OK)
+        *added = w.u.version_add.added;
+    return rv;
+}
+
+static p11kms_status sq_key_set_state(kms_store *st, const char *name, kms_key_state state)
+{
+    kms_write w = {.type = KMS_WRITE_KEY_SET_STATE};
+
+    w.u.key_meta.name = name;
+    w.u.key_meta.state = state;
+    return kms_gc_submit(sq_of(st)->gc, &w);
+}
+
+static p11kms_status sq_key_config(kms_store *st, const char *name, uint32_t min_decrypt_version,
+                                   int64_t rotation_period)
+{
+    kms_write w = {.type = KMS_WRITE_KEY_CONFIG};
+
+    w.u.key_meta.name = name;
+    w.u.key_meta.min_decrypt_version = min_decrypt_version;
+    w.u.key_meta.rotation_period = rotation_period;
+    return kms_gc_submit(sq_of(st)->gc, &w);
+}
+
+static p11kms_status sq_rewrap_commit(kms_store *st, const char *name, uint32_t new_version,
+                                      const kms_rewrap_item *items, size_t n, uint64_t *updated)
+{
+    kms_write w = {.type = KMS_WRITE_REWRAP};
+    p11kms_status rv;
+
+    w.u.rewrap.name = name;
+    w.u.rewrap.new_version = new_version;
+    w.u.rewrap.items = items;
+    w.u.rewrap.n = n;
+    rv = kms_gc_submit(sq_of(st)->gc, &w);
+    if (rv == P11KMS_OK)
+        *updated = w.u.rewrap.updated;
+    return rv;
+}
+
+static p11kms_status sq_version_retire(kms_store *st, const char *name, uint32_t version,
+                                       int64_t now)
+{
+    kms_write w = {.type = KMS_WRITE_VERSION_RETIRE};
+
+    w.u.retire.name = name;
+    w.u.retire.version = version;
+    w.u.retire.now = now;
     return kms_gc_submit(sq_of(st)->gc, &w);
 }
 
@@ -1266,6 +1948,84 @@ static p11kms_status sq_dek_destroy_bulk(kms_store *st, const char *key, const c
     return dek_state_submit(st, &w, count);
 }
 
+/* ---- audit reads ---- */
+
+static kms_gc *sq_writer(kms_store *st)
+{
+    return sq_of(st)->gc;
+}
+
+static void column_text(sqlite3_stmt *q, int col, char *dst, size_t cap)
+{
+    text_copy(dst, cap, sqlite3_column_text(q, col));
+}
+
+static void column_hash(sqlite3_stmt *q, int col, unsigned char *dst, size_t len)
+{
+    memset(dst, 0, len);
+    if ((size_t)sqlite3_column_bytes(q, col) == len)
+        memcpy(dst, sqlite3_column_blob(q, col), len);
+}
+
+static p11kms_status sq_audit_list(kms_store *st, uint64_t after, size_t limit,
+                                   kms_audit_entry **out, size_t *count)
+{
+    sq_store *s = sq_of(st);
+    sq_conn *c = reader_get(s);
+    sqlite3_stmt *q = c->stmt[R_AUDIT_LIST];
+    p11kms_status rv = P11KMS_ERR_NO_MEMORY;
+    kms_audit_entry *arr = calloc(limit, sizeof(*arr));
+    size_t n = 0;
+    int rc = SQLITE_DONE;
+
+    if (arr == NULL)
+        goto out;
+    sqlite3_bind_int64(q, 1, (sqlite3_int64)after);
+    sqlite3_bind_int64(q, 2, (sqlite3_int64)limit);
+    while (n < limit && (rc = sqlite3_step(q)) == SQLITE_ROW) {
+        kms_audit_entry *e = &arr[n++];
+        int result = kms_audit_result_parse((const char *)sqlite3_column_text(q, 7));
+
+        /* An edited row is returned as read (verification judges it). */
+        e->seq = (uint64_t)sqlite3_column_int64(q, 0);
+        e->time = sqlite3_column_int64(q, 1);
+        column_text(q, 2, e->principal, sizeof(e->principal));
+        column_text(q, 3, e->operation, sizeof(e->operation));
+        column_text(q, 4, e->key, sizeof(e->key));
+        e->version = (uint32_t)sqlite3_column_int64(q, 5);
+        column_text(q, 6, e->dek_id, sizeof(e->dek_id));
+        e->result = result >= 0 ? (kms_audit_result)result : KMS_AUDIT_ERROR;
+        column_text(q, 8, e->error_code, sizeof(e->error_code));
+        column_hash(q, 9, e->prev_hash, sizeof(e->prev_hash));
+        column_hash(q, 10, e->hash, sizeof(e->hash));
+        e->has_mac = sqlite3_column_type(q, 11) != SQLITE_NULL;
+        column_hash(q, 11, e->mac, sizeof(e->mac));
+    }
+    if (n < limit && rc != SQLITE_DONE) {
+        rv = SQ_FAIL(c->db, rc, "reading the audit log");
+        goto out;
+    }
+    *out = arr;
+    *count = n;
+    arr = NULL;
+    rv = P11KMS_OK;
+out:
+    reader_put(s, c);
+    free(arr);
+    return rv;
+}
+
+static p11kms_status sq_audit_head(kms_store *st, kms_audit_head *out)
+{
+    sq_store *s = sq_of(st);
+    sq_conn *c = reader_get(s);
+    p11kms_status rv;
+
+    rv = seq_hash_row(c->db, c->stmt[R_AUDIT_HEAD], &out->present, &out->seq, out->hash);
+    reader_put(s, c);
+    return rv;
+}
+
 static void sq_stats(kms_store *st, kms_store_stats_ex *out)
 {
     sq_store *s = sq_of(st);
@@ -1299,5 +2059,16 @@ static const kms_store_ops sq_ops = {
     .dek_destroy_bulk = sq_dek_destroy_bulk,
     .dek_list = sq_dek_list,
     .token_ids = sq_token_ids,
+    .version_add = sq_version_add,
+    .key_set_state = sq_key_set_state,
+    .key_config = sq_key_config,
+    .rewrap_read = sq_rewrap_read,
+    .rewrap_remaining = sq_rewrap_remaining,
+    .rewrap_commit = sq_rewrap_commit,
+    .version_retire = sq_version_retire,
+    .rotation_due = sq_rotation_due,
     .stats = sq_stats,
+    .writer = sq_writer,
+    .audit_list = sq_audit_list,
+    .audit_head = sq_audit_head,
 };

@@ -86,7 +86,19 @@ p11kms_status kms_store_dek_insert(kms_store *st, const kms_dek_rec *dek)
         dek->version == 0 || dek->context == NULL || dek->wrapped_len == 0 ||
         dek->wrapped_len > KMS_WRAPPED_MAX || dek->state != KMS_DEK_ACTIVE)
         return P11KMS_ERR_BAD_REQUEST;
-    return st->ops->dek_insert(st, dek);
+    return st->ops->dek_insert(st, dek, UINT64_MAX, NULL);
+}
+
+p11kms_status kms_store_dek_insert_capped(kms_store *st, const kms_dek_rec *dek,
+                                          uint64_t max_wraps, int *refused)
+{
+    if (st == NULL || dek == NULL || !dek_id_ok(dek->id) || !name_ok(dek->key) ||
+        dek->version == 0 || dek->context == NULL || dek->wrapped_len == 0 ||
+        dek->wrapped_len > KMS_WRAPPED_MAX || dek->state != KMS_DEK_ACTIVE || max_wraps == 0 ||
+        refused == NULL)
+        return P11KMS_ERR_BAD_REQUEST;
+    *refused = 0;
+    return st->ops->dek_insert(st, dek, max_wraps, refused);
 }
 
 p11kms_status kms_store_dek_get(kms_store *st, const char *id, kms_dek_rec **out)
@@ -127,6 +139,16 @@ static int filter_ok(const char *filter)
 out:
     json_decref(j);
     return ok;
+}
+
+int kms_store_name_ok(const char *name)
+{
+    return name_ok(name);
+}
+
+int kms_store_filter_ok(const char *filter)
+{
+    return filter_ok(filter);
 }
 
 p11kms_status kms_store_dek_revoke(kms_store *st, const char *id, kms_revoke_reason reason,
@@ -186,7 +208,112 @@ p11kms_status kms_store_token_ids(kms_store *st, unsigned char (**ids)[KMS_TOKEN
 {
     if (st == NULL || ids == NULL || count == NULL)
         return P11KMS_ERR_BAD_REQUEST;
-    return st->ops->token_ids(st, ids, count);
+    return st->ops->token_ids(st, 0, ids, count);
+}
+
+p11kms_status kms_store_token_ids_destroyed(kms_store *st,
+                                            unsigned char (**ids)[KMS_TOKEN_ID_LEN],
+                                            size_t *count)
+{
+    if (st == NULL || ids == NULL || count == NULL)
+        return P11KMS_ERR_BAD_REQUEST;
+    return st->ops->token_ids(st, 1, ids, count);
+}
+
+/* ---- key rotation ---- */
+
+p11kms_status kms_store_version_add(kms_store *st, const char *name, uint32_t expected_latest,
+                                    const unsigned char token_id[KMS_TOKEN_ID_LEN], int64_t now,
+                                    uint32_t *added)
+{
+    if (st == NULL || name == NULL || token_id == NULL || added == NULL || expected_latest == 0 ||
+        expected_latest == UINT32_MAX)
+        return P11KMS_ERR_BAD_REQUEST;
+    if (!name_ok(name))
+        return P11KMS_ERR_KEY_NOT_FOUND;
+    *added = 0;
+    return st->ops->version_add(st, name, expected_latest, token_id, now, added);
+}
+
+p11kms_status kms_store_key_set_state(kms_store *st, const char *name, kms_key_state state)
+{
+    if (st == NULL || name == NULL || (state != KMS_KEY_ENABLED && state != KMS_KEY_DISABLED))
+        return P11KMS_ERR_BAD_REQUEST;
+    if (!name_ok(name))
+        return P11KMS_ERR_KEY_NOT_FOUND;
+    return st->ops->key_set_state(st, name, state);
+}
+
+p11kms_status kms_store_key_config(kms_store *st, const char *name, uint32_t min_decrypt_version,
+                                   int64_t rotation_period)
+{
+    if (st == NULL || name == NULL || rotation_period < -1 ||
+        (min_decrypt_version == 0 && rotation_period == -1))
+        return P11KMS_ERR_BAD_REQUEST;
+    if (!name_ok(name))
+        return P11KMS_ERR_KEY_NOT_FOUND;
+    return st->ops->key_config(st, name, min_decrypt_version, rotation_period);
+}
+
+p11kms_status kms_store_rewrap_read(kms_store *st, const char *name, uint32_t below_version,
+                                    const char *cursor, size_t limit, kms_dek_rec ***out,
+                                    size_t *count)
+{
+    if (st == NULL || name == NULL || out == NULL || count == NULL || limit == 0 ||
+        limit > KMS_REWRAP_BATCH_MAX ||
+        (cursor != NULL && strnlen(cursor, KMS_DEK_ID_LEN + 1) > KMS_DEK_ID_LEN))
+        return P11KMS_ERR_BAD_REQUEST;
+    if (!name_ok(name))
+        return P11KMS_ERR_KEY_NOT_FOUND;
+    return st->ops->rewrap_read(st, name, below_version, cursor != NULL ? cursor : "", limit, out,
+                                count);
+}
+
+p11kms_status kms_store_rewrap_remaining(kms_store *st, const char *name, uint32_t below_version,
+                                         uint64_t *count)
+{
+    if (st == NULL || name == NULL || count == NULL)
+        return P11KMS_ERR_BAD_REQUEST;
+    if (!name_ok(name))
+        return P11KMS_ERR_KEY_NOT_FOUND;
+    return st->ops->rewrap_remaining(st, name, below_version, count);
+}
+
+p11kms_status kms_store_rewrap_commit(kms_store *st, const char *name, uint32_t new_version,
+                                      const kms_rewrap_item *items, size_t n, uint64_t *updated)
+{
+    if (st == NULL || name == NULL || updated == NULL || new_version == 0 ||
+        (items == NULL && n > 0) || n > KMS_REWRAP_BATCH_MAX)
+        return P11KMS_ERR_BAD_REQUEST;
+    for (size_t i = 0; i < n; i++)
+        if (!dek_id_ok(items[i].id) || items[i].old_version == 0 ||
+            items[i].old_version >= new_version || items[i].wrapped_len == 0 ||
+            items[i].wrapped_len > KMS_WRAPPED_MAX)
+            return P11KMS_ERR_BAD_REQUEST;
+    if (!name_ok(name))
+        return P11KMS_ERR_KEY_NOT_FOUND;
+    *updated = 0;
+    if (n == 0)
+        return P11KMS_OK;
+    return st->ops->rewrap_commit(st, name, new_version, items, n, updated);
+}
+
+p11kms_status kms_store_version_retire(kms_store *st, const char *name, uint32_t version,
+                                       int64_t now)
+{
+    if (st == NULL || name == NULL || now <= 0)
+        return P11KMS_ERR_BAD_REQUEST;
+    if (!name_ok(name) || version == 0)
+        return P11KMS_ERR_KEY_NOT_FOUND;
+    return st->ops->version_retire(st, name, version, now);
+}
+
+p11kms_status kms_store_rotation_due(kms_store *st, int64_t now, kms_rotation_due **out,
+                                     size_t *count)
+{
+    if (st == NULL || out == NULL || count == NULL)
+        return P11KMS_ERR_BAD_REQUEST;
+    return st->ops->rotation_due(st, now, out, count);
 }
 
 void kms_store_stats_get(kms_store *st, kms_store_stats_ex *out)

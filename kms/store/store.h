@@ -87,6 +87,16 @@ typedef struct kms_store kms_store;
  * group-commit writer. */
 p11kms_status kms_store_open_sqlite(const char *path, kms_store **out);
 
+/* Open the PostgreSQL store named by url (any libpq connection string,
+ * URI or key=value), apply pending schema migrations under an advisory
+ * lock (safe when several nodes start at once), open the writer and the
+ * read connections (synchronous_commit = on: durable on return means
+ * committed and flushed), and start the group-commit writer.  Several
+ * kmsd nodes may share one database (kms/store/postgres.c).
+ * P11KMS_ERR_BAD_REQUEST for a malformed url; P11KMS_ERR_STORE_UNAVAILABLE
+ * when the server cannot be reached or the schema cannot be migrated. */
+p11kms_status kms_store_open_postgres(const char *url, kms_store **out);
+
 /* Stop the writer (after draining its queue) and close.  NULL is a no-op. */
 void kms_store_close(kms_store *st);
 
@@ -170,11 +180,266 @@ p11kms_status kms_store_dek_destroy_bulk(kms_store *st, const char *key, const c
 p11kms_status kms_store_dek_list(kms_store *st, const char *key, int state, const char *cursor,
                                  size_t limit, kms_dek_rec ***out, size_t *count, int *more);
 
+/* ---- key rotation (issue 3) ----------------------------------------------
+ *
+ * Every write below goes through the group-commit writer and re-checks
+ * its preconditions inside the transaction, so concurrent callers (other
+ * workers, other nodes sharing the database) can never collide: the
+ * loser is told, never silently overwritten. */
+
+/* The largest max_wraps_per_version (AES-GCM with random 96-bit IVs is
+ * safe to about 2^32 uses per key; p11kms rotates at 2^30). */
+#define KMS_MAX_WRAPS_DEFAULT (UINT64_C(1) << 30)
+
+/* Add version expected_latest + 1 of key `name`, whose token object has
+ * CKA_ID token_id, and make it the latest, in one transaction, only if
+ * the key's latest_version is still expected_latest (compare-and-set).
+ * *added receives the new version, or 0 when latest_version had moved
+ * (another rotation won: nothing was written; the caller destroys its
+ * token object and re-reads).  P11KMS_ERR_KEY_NOT_FOUND. */
+p11kms_status kms_store_version_add(kms_store *st, const char *name, uint32_t expected_latest,
+                                    const unsigned char token_id[KMS_TOKEN_ID_LEN], int64_t now,
+                                    uint32_t *added);
+
+/* Set key `name` enabled or disabled (idempotent).  P11KMS_ERR_KEY_NOT_FOUND. */
+p11kms_status kms_store_key_set_state(kms_store *st, const char *name, kms_key_state state);
+
+/* Change the key's min_decrypt_version (0: unchanged) and/or its
+ * rotation_period in seconds (-1: unchanged; 0: off), in one transaction.
+ * min_decrypt_version must be 1..latest_version as read inside that
+ * transaction (P11KMS_ERR_BAD_REQUEST otherwise).
+ * P11KMS_ERR_KEY_NOT_FOUND. */
+p11kms_status kms_store_key_config(kms_store *st, const char *name, uint32_t min_decrypt_version,
+                                   int64_t rotation_period);
+
+/* Up to `limit` (1..KMS_REWRAP_BATCH_MAX) DEKs of key `name` that still
+ * hold a wrapped copy (active or revoked) on a version below
+ * `below_version`, with id greater than `cursor` ("" or NULL for the
+ * start), ordered by id, with their wrapped bytes and context: one read
+ * per rewrap batch.  Free *out with kms_dek_list_free.
+ * P11KMS_ERR_KEY_NOT_FOUND. */
+#define KMS_REWRAP_BATCH_MAX 4096
+p11kms_status kms_store_rewrap_read(kms_store *st, const char *name, uint32_t below_version,
+                                    const char *cursor, size_t limit, kms_dek_rec ***out,
+                                    size_t *count);
+
+/* How many DEKs of key `name` still hold a wrapped copy on a version
+ * below `below_version`.  P11KMS_ERR_KEY_NOT_FOUND. */
+p11kms_status kms_store_rewrap_remaining(kms_store *st, const char *name, uint32_t below_version,
+                                         uint64_t *count);
+
+/* One rewrapped DEK: its id, the version it was read on, and its new
+ * wrapped bytes (under the target version). */
+typedef struct kms_rewrap_item {
+    char id[KMS_DEK_ID_LEN + 1];
+    uint32_t old_version;
+    unsigned char wrapped[KMS_WRAPPED_MAX];
+    size_t wrapped_len;
+} kms_rewrap_item;
+
+/* Commit a rewrap batch in one transaction: each DEK moves to
+ * new_version with its new wrapped bytes only if it is unchanged since it
+ * was read (same id, still on old_version, wrapped bytes still present:
+ * a concurrent destroy or another node's rewrap wins), and new_version's
+ * wrap_count grows by the number of DEKs moved.  Nothing is written when
+ * new_version is not an active version of the key (*updated = 0).
+ * States (active, revoked) are kept.  *updated receives the DEKs moved.
+ * P11KMS_ERR_KEY_NOT_FOUND. */
+p11kms_status kms_store_rewrap_commit(kms_store *st, const char *name, uint32_t new_version,
+                                      const kms_rewrap_item *items, size_t n, uint64_t *updated);
+
+/* Retire version `version` of key `name`: in one transaction, re-check
+ * that it exists (P11KMS_ERR_KEY_NOT_FOUND otherwise), is not the latest
+ * and no active or revoked DEK refers to it (P11KMS_ERR_KEY_VERSION_IN_USE
+ * otherwise), then mark it destroyed at `now`.  A version already
+ * destroyed is left as it is and P11KMS_OK returned (so an interrupted
+ * retire can be finished).  The caller destroys the token object only
+ * after this returns P11KMS_OK. */
+p11kms_status kms_store_version_retire(kms_store *st, const char *name, uint32_t version,
+                                       int64_t now);
+
+/* Names of the enabled keys whose rotation_period is set and whose latest
+ * version was created at least rotation_period seconds before `now`, with
+ * that latest version (for the compare-and-set of kms_store_version_add).
+ * Free *out with free(). */
+typedef struct kms_rotation_due {
+    char name[KMS_NAME_MAX + 1];
+    uint32_t latest_version;
+} kms_rotation_due;
+p11kms_status kms_store_rotation_due(kms_store *st, int64_t now, kms_rotation_due **out,
+                                     size_t *count);
+
+/* Insert a DEK like kms_store_dek_insert, but only while its version is
+ * active and has wrapped fewer than max_wraps DEKs (the count and the
+ * check are in the same transaction, so the bound is exact however many
+ * callers race).  *refused is 1 (and nothing is written) when the version
+ * is full or no longer active: the caller rotates (or re-reads) and wraps
+ * again under the new latest version. */
+p11kms_status kms_store_dek_insert_capped(kms_store *st, const kms_dek_rec *dek,
+                                          uint64_t max_wraps, int *refused);
+
+/* The CKA_IDs of the destroyed key versions: their token objects must be
+ * gone (reconciliation at start finishes an interrupted retire).  *ids
+ * freed with free(). */
+p11kms_status kms_store_token_ids_destroyed(kms_store *st,
+                                            unsigned char (**ids)[KMS_TOKEN_ID_LEN],
+                                            size_t *count);
+
 /* The CKA_IDs of every key version the store refers to (destroyed ones
  * included), for orphan reconciliation.  *ids freed with free(). */
 p11kms_status kms_store_token_ids(kms_store *st,
                                   unsigned char (**ids)[KMS_TOKEN_ID_LEN],
                                   size_t *count);
+
+/* ---- the audit log (issue 5) ---------------------------------------------
+ *
+ * One append-only table of entries, hash-chained in commit order:
+ * entry.hash = SHA-256(prev_hash || canonical bytes of the entry)
+ * (kms_audit_hash; encoding in docs/audit.md).  The group-commit writer
+ * assigns seq and computes the hashes inside the transaction that carries
+ * the entries, so an entry is durable exactly when the change it records
+ * is.  Once per commit group the writer asks the MAC callback (installed
+ * by the core with kms_store_audit_attach; the store never talks to the
+ * token) for HMAC(start_hash || end_hash) and stores it in the mac column
+ * of the group's last entry, and records that entry's (seq, hash) as the
+ * sealed head (a one-row table written in the same transaction).  A write
+ * carrying entries fails as a whole (P11KMS_ERR_STORE_UNAVAILABLE) when
+ * the entries cannot be written or sealed: fail closed. */
+
+#define KMS_AUDIT_HASH_LEN 32
+#define KMS_AUDIT_MAC_LEN 32
+#define KMS_AUDIT_PRINCIPAL_MAX 159 /* "uid:1000", "cert:<CN>", "token:<name>" */
+#define KMS_AUDIT_OPERATION_MAX 31  /* "datakey.decrypt" */
+#define KMS_AUDIT_CODE_MAX 31       /* "key_not_found" */
+#define KMS_AUDIT_LIST_DEFAULT 100
+#define KMS_AUDIT_LIST_MAX 1000
+#define KMS_AUDIT_KEY_LABEL "p11kms-audit:v1" /* CKA_LABEL of the MAC key */
+
+typedef enum kms_audit_result {
+    KMS_AUDIT_OK = 0,
+    KMS_AUDIT_REFUSED, /* the policy refused the request */
+    KMS_AUDIT_ERROR    /* allowed, and failed with error_code */
+} kms_audit_result;
+
+typedef struct kms_audit_entry {
+    uint64_t seq; /* 1, 2, 3 ...: assigned by the writer in commit order */
+    int64_t time; /* unix seconds; 0 on submission: the writer stamps it */
+    char principal[KMS_AUDIT_PRINCIPAL_MAX + 1];
+    char operation[KMS_AUDIT_OPERATION_MAX + 1];
+    char key[KMS_NAME_MAX + 1];      /* "" when none */
+    uint32_t version;                /* 0 when none */
+    char dek_id[KMS_DEK_ID_LEN + 1]; /* "" when none */
+    kms_audit_result result;
+    char error_code[KMS_AUDIT_CODE_MAX + 1]; /* "" when ok */
+    unsigned char prev_hash[KMS_AUDIT_HASH_LEN];
+    unsigned char hash[KMS_AUDIT_HASH_LEN];
+    int has_mac; /* the last entry of its commit group */
+    unsigned char mac[KMS_AUDIT_MAC_LEN];
+    /* Submission only (not stored): take result and error_code from the
+     * outcome of the write that carries the entry; and, written by the
+     * writer, 1 once the entry is committed. */
+    int result_from_write;
+    int committed;
+} kms_audit_entry;
+
+/* The sealed head: the (seq, hash) of the last entry of the last commit
+ * group, as recorded beside the table.  present is 0 before the first
+ * entry (or when the row was deleted). */
+typedef struct kms_audit_head {
+    int present;
+    uint64_t seq;
+    unsigned char hash[KMS_AUDIT_HASH_LEN];
+} kms_audit_head;
+
+/* HMAC-SHA256 (inside the token) of start_hash || end_hash, where
+ * start_hash is the prev_hash of a group's first entry and end_hash the
+ * hash of its last.  Called on the writer thread once per group. */
+typedef p11kms_status (*kms_audit_mac_fn)(void *arg,
+                                          const unsigned char start_hash[KMS_AUDIT_HASH_LEN],
+                                          const unsigned char end_hash[KMS_AUDIT_HASH_LEN],
+                                          unsigned char mac[KMS_AUDIT_MAC_LEN]);
+
+/* Install (fn non-NULL) or remove the MAC callback.  Until one is
+ * installed, every write that carries audit entries fails. */
+void kms_store_audit_attach(kms_store *st, kms_audit_mac_fn fn, void *arg);
+
+/* The canonical bytes of an entry (docs/audit.md) and its chain hash
+ * SHA-256(prev || canonical).  kms_audit_canonical returns the length,
+ * which is at most KMS_AUDIT_CANONICAL_MAX. */
+#define KMS_AUDIT_CANONICAL_MAX 512
+size_t kms_audit_canonical(const kms_audit_entry *e, unsigned char out[KMS_AUDIT_CANONICAL_MAX]);
+void kms_audit_hash(const unsigned char prev[KMS_AUDIT_HASH_LEN], const kms_audit_entry *e,
+                    unsigned char out[KMS_AUDIT_HASH_LEN]);
+const char *kms_audit_result_name(kms_audit_result r); /* "ok", "refused", "error" */
+int kms_audit_result_parse(const char *s);            /* -1 when unknown */
+
+/* Append entries that record no change (a decrypt, a listing, a refused
+ * request) in one commit (shared with concurrent writers).  Durable on
+ * return; entries[i].seq, hash, mac are filled in. */
+p11kms_status kms_store_audit_append(kms_store *st, kms_audit_entry *entries, size_t n);
+
+/* Up to limit (1..KMS_AUDIT_LIST_MAX) entries with seq > after, oldest
+ * first.  *out freed with free(). */
+p11kms_status kms_store_audit_list(kms_store *st, uint64_t after, size_t limit,
+                                   kms_audit_entry **out, size_t *count);
+
+/* The sealed head (see kms_audit_head). */
+p11kms_status kms_store_audit_head(kms_store *st, kms_audit_head *out);
+
+/* Get the CKA_ID of the audit MAC key, or create it: under the store's
+ * writer lock (SQLite: the writer's transaction; PostgreSQL: a
+ * transaction-scoped advisory lock, so several nodes starting together
+ * create exactly one), read the recorded id; when there is none, call
+ * create (which generates the key in the token) and record its id in the
+ * same transaction.  id receives KMS_TOKEN_ID_LEN bytes.  *created is 1
+ * when this call created it. */
+typedef p11kms_status (*kms_audit_key_create_fn)(void *arg, unsigned char id[KMS_TOKEN_ID_LEN]);
+p11kms_status kms_store_audit_key(kms_store *st, kms_audit_key_create_fn create, void *arg,
+                                  unsigned char id[KMS_TOKEN_ID_LEN], int *created);
+
+/* The writes above, carrying audit entries (audit may be NULL: the same
+ * as the plain function; n_audit entries otherwise) appended in the same
+ * transaction.  An entry with result_from_write set records the write's
+ * outcome (ok, or error with the status code).  The entries of a capped
+ * insert that was refused, or of a version_add that lost its
+ * compare-and-set, are not written (nothing happened; the caller tries
+ * again and attaches them to that write). */
+p11kms_status kms_store_key_create_audited(kms_store *st, const char *name,
+                                           const unsigned char token_id[KMS_TOKEN_ID_LEN],
+                                           int64_t now, kms_audit_entry *audit, size_t n_audit);
+p11kms_status kms_store_dek_insert_capped_audited(kms_store *st, const kms_dek_rec *dek,
+                                                  uint64_t max_wraps, int *refused,
+                                                  kms_audit_entry *audit, size_t n_audit);
+p11kms_status kms_store_dek_revoke_audited(kms_store *st, const char *id,
+                                           kms_revoke_reason reason, int64_t now,
+                                           kms_audit_entry *audit, size_t n_audit);
+p11kms_status kms_store_dek_destroy_audited(kms_store *st, const char *id, int64_t now,
+                                            kms_audit_entry *audit, size_t n_audit);
+p11kms_status kms_store_dek_revoke_bulk_audited(kms_store *st, const char *key,
+                                                const char *filter, kms_revoke_reason reason,
+                                                int64_t now, uint64_t *count,
+                                                kms_audit_entry *audit, size_t n_audit);
+p11kms_status kms_store_dek_destroy_bulk_audited(kms_store *st, const char *key,
+                                                 const char *filter, int64_t now, uint64_t *count,
+                                                 kms_audit_entry *audit, size_t n_audit);
+p11kms_status kms_store_version_add_audited(kms_store *st, const char *name,
+                                            uint32_t expected_latest,
+                                            const unsigned char token_id[KMS_TOKEN_ID_LEN],
+                                            int64_t now, uint32_t *added, kms_audit_entry *audit,
+                                            size_t n_audit);
+p11kms_status kms_store_key_set_state_audited(kms_store *st, const char *name,
+                                              kms_key_state state, kms_audit_entry *audit,
+                                              size_t n_audit);
+p11kms_status kms_store_key_config_audited(kms_store *st, const char *name,
+                                           uint32_t min_decrypt_version, int64_t rotation_period,
+                                           kms_audit_entry *audit, size_t n_audit);
+p11kms_status kms_store_rewrap_commit_audited(kms_store *st, const char *name,
+                                              uint32_t new_version, const kms_rewrap_item *items,
+                                              size_t n, uint64_t *updated, kms_audit_entry *audit,
+                                              size_t n_audit);
+p11kms_status kms_store_version_retire_audited(kms_store *st, const char *name, uint32_t version,
+                                               int64_t now, kms_audit_entry *audit,
+                                               size_t n_audit);
 
 /* Group-commit statistics since open: transactions committed and writes
  * those transactions carried (commits < writes once commits are shared). */

@@ -41,7 +41,9 @@ typedef struct kms_store_ops {
     p11kms_status (*key_get)(kms_store *st, const char *name, kms_key_rec **out);
     p11kms_status (*key_get_meta)(kms_store *st, const char *name, kms_key_rec **out);
     p11kms_status (*key_list)(kms_store *st, kms_key_rec ***out, size_t *count);
-    p11kms_status (*dek_insert)(kms_store *st, const kms_dek_rec *dek);
+    /* max_wraps: UINT64_MAX for no cap; *refused as kms_store_dek_insert_capped. */
+    p11kms_status (*dek_insert)(kms_store *st, const kms_dek_rec *dek, uint64_t max_wraps,
+                                int *refused);
     p11kms_status (*dek_get)(kms_store *st, const char *id, kms_dek_rec **out);
     p11kms_status (*dek_revoke)(kms_store *st, const char *id, kms_revoke_reason reason,
                                 int64_t now);
@@ -52,9 +54,35 @@ typedef struct kms_store_ops {
                                       int64_t now, uint64_t *count);
     p11kms_status (*dek_list)(kms_store *st, const char *key, int state, const char *cursor,
                               size_t limit, kms_dek_rec ***out, size_t *count, int *more);
-    p11kms_status (*token_ids)(kms_store *st, unsigned char (**ids)[KMS_TOKEN_ID_LEN],
-                               size_t *count);
+    /* destroyed_only: the destroyed versions' ids (kms_store_token_ids_destroyed). */
+    p11kms_status (*token_ids)(kms_store *st, int destroyed_only,
+                               unsigned char (**ids)[KMS_TOKEN_ID_LEN], size_t *count);
+    /* key rotation (issue 3): see the public functions in store.h */
+    p11kms_status (*version_add)(kms_store *st, const char *name, uint32_t expected_latest,
+                                 const unsigned char token_id[KMS_TOKEN_ID_LEN], int64_t now,
+                                 uint32_t *added);
+    p11kms_status (*key_set_state)(kms_store *st, const char *name, kms_key_state state);
+    p11kms_status (*key_config)(kms_store *st, const char *name, uint32_t min_decrypt_version,
+                                int64_t rotation_period);
+    p11kms_status (*rewrap_read)(kms_store *st, const char *name, uint32_t below_version,
+                                 const char *cursor, size_t limit, kms_dek_rec ***out,
+                                 size_t *count);
+    p11kms_status (*rewrap_remaining)(kms_store *st, const char *name, uint32_t below_version,
+                                      uint64_t *count);
+    p11kms_status (*rewrap_commit)(kms_store *st, const char *name, uint32_t new_version,
+                                   const kms_rewrap_item *items, size_t n, uint64_t *updated);
+    p11kms_status (*version_retire)(kms_store *st, const char *name, uint32_t version,
+                                    int64_t now);
+    p11kms_status (*rotation_due)(kms_store *st, int64_t now, kms_rotation_due **out,
+                                  size_t *count);
     void (*stats)(kms_store *st, kms_store_stats_ex *out);
+    /* audit (issue 5): the backend's group-commit writer (audited writes
+     * and audit-only appends are built in store.c and queued there), and
+     * the reads of the audit table. */
+    struct kms_gc *(*writer)(kms_store *st);
+    p11kms_status (*audit_list)(kms_store *st, uint64_t after, size_t limit,
+                                kms_audit_entry **out, size_t *count);
+    p11kms_status (*audit_head)(kms_store *st, kms_audit_head *out);
 } kms_store_ops;
 
 struct kms_store {
@@ -71,7 +99,13 @@ typedef enum kms_write_type {
     KMS_WRITE_KEY_CREATE,
     KMS_WRITE_DEK_INSERT,
     KMS_WRITE_DEK_REVOKE, /* one DEK, or (key, filter) in bulk */
-    KMS_WRITE_DEK_DESTROY /* one DEK, or (key, filter) in bulk */
+    KMS_WRITE_DEK_DESTROY, /* one DEK, or (key, filter) in bulk */
+    KMS_WRITE_VERSION_ADD,    /* rotation: compare-and-set on latest_version */
+    KMS_WRITE_KEY_SET_STATE,  /* enable / disable */
+    KMS_WRITE_KEY_CONFIG,     /* min_decrypt_version, rotation_period */
+    KMS_WRITE_REWRAP,         /* a rewrap batch, each row only if unchanged */
+    KMS_WRITE_VERSION_RETIRE, /* mark a version destroyed if no live DEK uses it */
+    KMS_WRITE_AUDIT_KEY       /* get or create the audit MAC key id (groupcommit.c) */
 } kms_write_type;
 
 /* One queued write.  Lives on the submitting thread's stack; every pointer
@@ -86,7 +120,34 @@ typedef struct kms_write {
         } key_create;
         struct {
             const kms_dek_rec *dek;
+            uint64_t max_wraps; /* UINT64_MAX: no cap */
+            int refused;        /* out: version full or not active */
         } dek_insert;
+        struct {
+            const char *name;
+            uint32_t expected_latest;
+            const unsigned char *token_id; /* KMS_TOKEN_ID_LEN bytes */
+            int64_t now;
+            uint32_t added; /* out: the new version, 0 when latest moved */
+        } version_add;
+        struct {
+            const char *name;
+            kms_key_state state;            /* KEY_SET_STATE */
+            uint32_t min_decrypt_version;   /* KEY_CONFIG: 0 = unchanged */
+            int64_t rotation_period;        /* KEY_CONFIG: -1 = unchanged */
+        } key_meta;
+        struct {
+            const char *name;
+            uint32_t new_version;
+            const kms_rewrap_item *items;
+            size_t n;
+            uint64_t updated; /* out */
+        } rewrap;
+        struct {
+            const char *name;
+            uint32_t version;
+            int64_t now;
+        } retire;
         struct {
             const char *id;           /* one DEK; NULL for bulk */
             const char *key;          /* bulk: the key's name */
@@ -95,7 +156,17 @@ typedef struct kms_write {
             int64_t now;
             uint64_t count; /* out (bulk): DEKs changed */
         } dek_state;
+        struct {
+            kms_audit_key_create_fn create;
+            void *arg;
+            unsigned char *id; /* out: KMS_TOKEN_ID_LEN bytes */
+            int created;       /* out */
+        } audit_key;
     } u;
+    /* Audit entries appended (after the write, outside its savepoint) in
+     * the same transaction; see kms_store_*_audited in store.h. */
+    kms_audit_entry *audit;
+    size_t n_audit;
     p11kms_status result; /* written by the writer thread */
     int done;             /* set under the queue mutex */
     struct kms_write *next;
@@ -110,6 +181,22 @@ typedef struct kms_gc_ops {
     p11kms_status (*apply)(void *ctx, kms_write *w);
     p11kms_status (*commit)(void *ctx);
     void (*rollback)(void *ctx);
+    /* Audit (issue 5), inside the open transaction, after every apply:
+     * audit_head takes the backend's audit lock (PostgreSQL: an advisory
+     * transaction lock, so the nodes sharing a database append one chain)
+     * and reads the sealed head (head->present 0 when there is none) and
+     * the last row (*last_seq 0 when the table is empty, else its seq and
+     * hash); audit_insert adds one row (mac NULL); audit_seal sets the mac
+     * of row e->seq and records (e->seq, e->hash) as the sealed head.
+     * audit_key_get (under the same lock) reads the recorded MAC key id
+     * (*found 0 when none), audit_key_put records it.  Any failure is
+     * P11KMS_ERR_STORE_UNAVAILABLE and rolls the group back. */
+    p11kms_status (*audit_head)(void *ctx, kms_audit_head *head, uint64_t *last_seq,
+                                unsigned char last_hash[KMS_AUDIT_HASH_LEN]);
+    p11kms_status (*audit_insert)(void *ctx, const kms_audit_entry *e);
+    p11kms_status (*audit_seal)(void *ctx, const kms_audit_entry *e);
+    p11kms_status (*audit_key_get)(void *ctx, unsigned char id[KMS_TOKEN_ID_LEN], int *found);
+    p11kms_status (*audit_key_put)(void *ctx, const unsigned char id[KMS_TOKEN_ID_LEN]);
 } kms_gc_ops;
 
 typedef struct kms_gc kms_gc;
@@ -127,7 +214,16 @@ void kms_gc_stop(kms_gc *gc);
 
 void kms_gc_stats(kms_gc *gc, kms_store_stats_ex *out);
 
+/* Install or remove the audit MAC callback (kms_store_audit_attach). */
+void kms_gc_audit_attach(kms_gc *gc, kms_audit_mac_fn fn, void *arg);
+
 /* ---- record helpers (store.c) ------------------------------------------- */
+
+/* The argument rules of the public functions: a key name of 1 to
+ * KMS_NAME_MAX bytes; a bulk filter that is a JSON object of string
+ * values with at least one pair. */
+int kms_store_name_ok(const char *name);
+int kms_store_filter_ok(const char *filter);
 
 /* Append a version to k->versions (kept in the order appended). */
 p11kms_status kms_key_rec_add_version(kms_key_rec *k, const kms_version_rec *v);

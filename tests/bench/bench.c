@@ -5,6 +5,7 @@
  *   p11kms_bench [--seconds S] [--clients N] [--out FILE] [--only LIST]
  *                [--kmsd PATH] [--shim PATH] [--softhsm PATH]
  *                [--slow-delay-us US]
+ *   p11kms_bench --socket SOCK[,SOCK...]   (datakeys against running kmsd nodes)
  *
  * LIST is a comma-separated subset of raw,inproc,http,slow,rewrap (default all).
  * FILE defaults to $P11KMS_BENCH_OUT, else bench-results.json.  Progress
@@ -185,7 +186,9 @@ static void usage(FILE *f)
     fprintf(f, "usage: p11kms_bench [--seconds S] [--clients N] [--out FILE] [--only "
                "raw,inproc,http,slow,rewrap]\n"
                "                    [--kmsd PATH] [--shim PATH] [--softhsm PATH] "
-               "[--slow-delay-us US]\n");
+               "[--slow-delay-us US]\n"
+               "       p11kms_bench --socket SOCK[,SOCK...] [--seconds S] [--clients N]\n"
+               "                    (datakeys against running kmsd nodes only)\n");
 }
 
 int main(int argc, char **argv)
@@ -195,9 +198,10 @@ int main(int argc, char **argv)
         {"out", required_argument, NULL, 'o'},     {"only", required_argument, NULL, 'O'},
         {"kmsd", required_argument, NULL, 'k'},    {"shim", required_argument, NULL, 'S'},
         {"softhsm", required_argument, NULL, 'm'}, {"slow-delay-us", required_argument, NULL, 'd'},
+        {"socket", required_argument, NULL, 'u'},
         {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0},
     };
-    bench_opts o = {3.0, 32, KMSD_PATH, P11SHIM_PATH, NULL, NULL, NULL, 2000, NULL};
+    bench_opts o = {3.0, 32, KMSD_PATH, P11SHIM_PATH, NULL, NULL, NULL, 2000, NULL, NULL};
     const char *out_path = getenv("P11KMS_BENCH_OUT");
     const char *only = NULL;
     json_t *root = json_object(), *notes = json_object(), *machine = json_object();
@@ -222,6 +226,7 @@ int main(int argc, char **argv)
         case 'S': o.shim = optarg; break;
         case 'm': o.softhsm = optarg; break;
         case 'd': o.slow_delay_us = atoi(optarg); break;
+        case 'u': o.sockets = optarg; only = "external"; break;
         case 'h': usage(stdout); return 0;
         default: usage(stderr); return 2;
         }
@@ -248,6 +253,8 @@ int main(int argc, char **argv)
     if (wanted(only, "http") && bench_http(&o, root) != 0)
         failed++;
     if (wanted(only, "slow") && bench_slow(&o, root) != 0)
+        failed++;
+    if (o.sockets != NULL && bench_external(&o, root) != 0)
         failed++;
     /* Stored rewrap (issue 3): 100 000 DEKs, one kms_key_rewrap (rewrap.c). */
     if (wanted(only, "rewrap") && bench_rewrap(&o, root) != 0)

@@ -25,6 +25,7 @@ typedef struct bench_opts {
     const char *tmpdir;  /* scratch directory for the in-process store */
     int slow_delay_us;   /* shim delay for slow_token_scaling (2000) */
     const char *profile; /* NULL, or a directory for per-call statistics */
+    const char *sockets; /* --socket: running kmsd sockets, comma-separated */
 } bench_opts;
 
 /* Monotonic seconds. */
@@ -36,6 +37,9 @@ int bench_inproc(const bench_opts *o, json_t *out);
 int bench_http(const bench_opts *o, json_t *out);
 int bench_slow(const bench_opts *o, json_t *out);
 int bench_rewrap(const bench_opts *o, json_t *out); /* rewrap_deks_s (rewrap.c) */
+/* --socket: datakeys against already running kmsd nodes (several nodes on
+ * one database: the clients are spread over the sockets). */
+int bench_external(const bench_opts *o, json_t *out);
 
 /* out[name] = v rounded to 2 decimals. */
 void bench_set(json_t *out, const char *name, double v);

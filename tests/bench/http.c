@@ -436,3 +436,43 @@ out:
         kh_teardown(&k);
     return rc;
 }
+
+/* --socket A[,B...]: kmsd nodes someone else started (e.g. several nodes on
+ * one PostgreSQL database); key "bench" is created if missing and the
+ * clients are spread round-robin over the sockets. */
+int bench_external(const bench_opts *o, json_t *out)
+{
+    char *list = strdup(o->sockets), *save = NULL, *tok;
+    const char *socks[16];
+    int n_socks = 0, rc = -1;
+    client *cl = NULL;
+    load_result warm, gen;
+    kh_response r;
+
+    for (tok = strtok_r(list, ",", &save); tok != NULL && n_socks < 16;
+         tok = strtok_r(NULL, ",", &save))
+        socks[n_socks++] = tok;
+    if (n_socks == 0)
+        goto out;
+    if (kh_request(socks[0], "POST", "/v1/keys", "{\"name\":\"bench\"}", 16, NULL, &r) != 0)
+        goto out;
+    kh_response_free(&r);
+    if (clients_new(&cl, o->clients, socks[0]) != 0)
+        goto out;
+    for (int i = 0; i < o->clients; i++)
+        cl[i].sock = socks[i % n_socks];
+    if (load_run(cl, o->clients, 0, 1.0, &warm) != 0 ||
+        load_run(cl, o->clients, 0, o->seconds, &gen) != 0)
+        goto out;
+    fprintf(stderr, "bench: external, %d node(s), %d clients: datakey %.0f ops/s (p50 %.2f ms, "
+                    "p99 %.2f ms, %lu errors)\n",
+            n_socks, o->clients, gen.ops_s, gen.p50_ms, gen.p99_ms, gen.errors);
+    bench_set(out, "external_datakey_ops_s", gen.ops_s);
+    json_object_set_new(out, "external_details", load_json(&gen));
+    json_object_set_new(out, "external_nodes", json_integer(n_socks));
+    rc = gen.ok > 0 ? 0 : -1;
+out:
+    clients_free(cl, o->clients);
+    free(list);
+    return rc;
+}

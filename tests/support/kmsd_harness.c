@@ -83,9 +83,7 @@ int kh_write_conf(kh_kmsd *k, const char *server_extra, const char *extra)
                  "uri      = %s   ; the test token\n"
                  "pin_file = pin\n"
                  "\n"
-                 "[store]\n"
-                 "backend = sqlite\n"
-                 "path    = kms.db\n"
+                 "%s"
                  "\n"
                  "[listen]\n"
                  "unix = kmsd.sock\n"
@@ -95,7 +93,7 @@ int kh_write_conf(kh_kmsd *k, const char *server_extra, const char *extra)
                  "workers = 16\n"
                  "%s"
                  "%s",
-                 k->tt.module, k->tt.uri, server_extra != NULL ? server_extra : "",
+                 k->tt.module, k->tt.uri, ts_db_conf(&k->store), server_extra != NULL ? server_extra : "",
                  extra != NULL ? extra : "") < 0)
         return -1;
     rv = kh_write_file(k->conf, text, 0600);
@@ -115,6 +113,28 @@ int kh_setup(kh_kmsd *k, const char *kmsd, const char *label, const char *server
     snprintf(k->pin, sizeof(k->pin), "%s/pin", k->dir);
     snprintf(k->sock, sizeof(k->sock), "%s/kmsd.sock", k->dir);
     snprintf(k->db, sizeof(k->db), "%s/kms.db", k->dir);
+    snprintf(k->log, sizeof(k->log), "%s/kmsd.log", k->dir);
+    if (kh_write_file(k->pin, TT_PIN "\n", 0600) != 0)
+        return -1;
+    if (ts_db_new(k->dir, &k->store) != 0)
+        return -1;
+    return kh_write_conf(k, server_extra, extra);
+}
+
+int kh_setup_peer(kh_kmsd *k, const kh_kmsd *first, const char *server_extra, const char *extra)
+{
+    memset(k, 0, sizeof(*k));
+    k->kmsd = first->kmsd;
+    k->tt = first->tt;
+    k->peer = 1;
+    k->store = first->store;
+    k->store.shared = 1;
+    if (tt_tempdir(k->dir, sizeof(k->dir)) != 0)
+        return -1;
+    snprintf(k->conf, sizeof(k->conf), "%s/kmsd.conf", k->dir);
+    snprintf(k->pin, sizeof(k->pin), "%s/pin", k->dir);
+    snprintf(k->sock, sizeof(k->sock), "%s/kmsd.sock", k->dir);
+    snprintf(k->db, sizeof(k->db), "%s", first->db);
     snprintf(k->log, sizeof(k->log), "%s/kmsd.log", k->dir);
     if (kh_write_file(k->pin, TT_PIN "\n", 0600) != 0)
         return -1;
@@ -232,8 +252,9 @@ void kh_teardown(kh_kmsd *k)
 {
     if (k->pid > 0)
         kh_stop(k, SIGKILL);
+    ts_db_drop(&k->store);
     if (getenv("P11KMS_KEEP_TEST_DIRS") == NULL)
-        tt_token_remove(&k->tt);
+        tt_rmtree(k->peer ? k->dir : k->tt.dir);
 }
 
 typedef struct growbuf {

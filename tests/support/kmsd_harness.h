@@ -17,6 +17,7 @@
 #include <curl/curl.h>
 
 #include "testtoken.h"
+#include "teststore.h"
 
 typedef struct kh_kmsd {
     const char *kmsd; /* path of the kmsd binary */
@@ -28,6 +29,8 @@ typedef struct kh_kmsd {
     char db[320];
     char log[320];
     pid_t pid; /* 0 when not running */
+    ts_db store; /* the [store] of kmsd.conf: P11KMS_TEST_STORE selects it */
+    int peer;    /* made by kh_setup_peer: token and store are another's */
 } kh_kmsd;
 
 typedef struct kh_response {
@@ -43,6 +46,11 @@ typedef struct kh_response {
  * server_extra).  Returns 0 or -1. */
 int kh_setup(kh_kmsd *k, const char *kmsd, const char *label, const char *server_extra,
              const char *extra);
+
+/* Another node of the same service: its own temp dir, socket, PIN file
+ * and kmsd.conf, but the token and the store (database) of `first`
+ * (which must outlive it).  Returns 0 or -1. */
+int kh_setup_peer(kh_kmsd *k, const kh_kmsd *first, const char *server_extra, const char *extra);
 
 /* Rewrite kmsd.conf (same rules as kh_setup). */
 int kh_write_conf(kh_kmsd *k, const char *server_extra, const char *extra);
