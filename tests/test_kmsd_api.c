@@ -358,9 +358,9 @@ START_TEST(not_found)
     ku_expect_error(&K, "GET", "/v1/health/x", NULL, 404, "not_found");
     ku_expect_error(&K, "GET", "/v2/keys", NULL, 404, "not_found");
     ku_expect_error(&K, "POST", "/v1/keys/a/b/c/d", "{}", 404, "not_found");
-    /* known routes of later releases */
-    msg = ku_expect_error(&K, "GET", "/v1/status", NULL, 404, "not_found");
-    ck_assert_str_eq(msg, "not implemented yet");
+    /* GET /v1/status is served (status below): a wrong method is 405 */
+    msg = ku_expect_error(&K, "POST", "/v1/status", NULL, 405, "method_not_allowed");
+    ck_assert_ptr_nonnull(msg);
     /* GET /metrics is served: tests/test_kmsd_metrics.c */
     ku_expect_error(&K, "POST", "/metrics", NULL, 405, "method_not_allowed");
     ku_expect_error(&K, "POST", "/v1/audit/verify", NULL, 405, "method_not_allowed");
@@ -425,6 +425,95 @@ START_TEST(principal_logged)
 }
 END_TEST
 
+/* GET /v1/status as an object of counts: keys, active, revoked, destroyed. */
+static void status_counts(long out[4])
+{
+    long status = 0;
+    json_t *j = ku_call(&K, "GET", "/v1/status", NULL, &status), *token, *store, *deks;
+
+    ck_assert_int_eq(status, 200);
+    token = json_object_get(j, "token");
+    ck_assert_str_eq(json_string_value(json_object_get(token, "label")), K.tt.label);
+    ck_assert(json_is_true(json_object_get(token, "present")));
+    ck_assert(json_is_integer(json_object_get(token, "slot")));
+    store = json_object_get(j, "store");
+    ck_assert_str_eq(json_string_value(json_object_get(store, "backend")), ts_backend_name());
+    ck_assert(json_is_true(json_object_get(store, "ok")));
+    ck_assert_str_eq(json_string_value(json_object_get(j, "audit")), "ok");
+    deks = json_object_get(j, "datakeys");
+    ck_assert_int_eq(json_object_size(deks), 3);
+    ck_assert_int_eq(json_object_size(j), 5);
+    out[0] = (long)json_integer_value(json_object_get(j, "keys"));
+    out[1] = (long)json_integer_value(json_object_get(deks, "active"));
+    out[2] = (long)json_integer_value(json_object_get(deks, "revoked"));
+    out[3] = (long)json_integer_value(json_object_get(deks, "destroyed"));
+    ck_assert(json_is_integer(json_object_get(j, "keys")));
+    ck_assert(json_is_integer(json_object_get(deks, "active")));
+    json_decref(j);
+}
+
+/* The status counts follow generate, revoke and destroy; /metrics exports
+ * the same DEK counts; the call is audited like the other reads. */
+START_TEST(status_route)
+{
+    long before[4], after[4], status = 0;
+    char ids[3][40], path[128], line[96];
+    kh_response r;
+    json_t *j, *entries;
+    int seen = 0;
+
+    status_counts(before);
+    json_decref(create_key("status-key"));
+    for (int i = 0; i < 3; i++) {
+        json_t *g = datakey("/v1/keys/status-key/datakeys", "{}", 201);
+        snprintf(ids[i], sizeof(ids[i]), "%s", json_string_value(json_object_get(g, "dek_id")));
+        json_decref(g);
+    }
+    snprintf(path, sizeof(path), "/v1/datakeys/%s/revoke", ids[0]);
+    j = ku_call(&K, "POST", path, "{\"reason\":\"compromised\"}", &status);
+    ck_assert_int_eq(status, 200);
+    json_decref(j);
+    snprintf(path, sizeof(path), "/v1/datakeys/%s", ids[1]);
+    j = ku_call(&K, "DELETE", path, NULL, &status);
+    ck_assert_int_eq(status, 200);
+    json_decref(j);
+    status_counts(after);
+    ck_assert_int_eq(after[0], before[0] + 1);
+    ck_assert_int_eq(after[1], before[1] + 1);
+    ck_assert_int_eq(after[2], before[2] + 1);
+    ck_assert_int_eq(after[3], before[3] + 1);
+
+    /* the same counts on /metrics (nothing changed in between) */
+    ck_assert_int_eq(kh_request(K.sock, "GET", "/metrics", NULL, 0, NULL, &r), 0);
+    ck_assert_int_eq(r.status, 200);
+    snprintf(line, sizeof(line), "\np11kms_datakeys{state=\"active\"} %ld\n", after[1]);
+    ck_assert_msg(strstr(r.body, line) != NULL, "missing %s", line);
+    snprintf(line, sizeof(line), "\np11kms_datakeys{state=\"revoked\"} %ld\n", after[2]);
+    ck_assert_msg(strstr(r.body, line) != NULL, "missing %s", line);
+    snprintf(line, sizeof(line), "\np11kms_datakeys{state=\"destroyed\"} %ld\n", after[3]);
+    ck_assert_msg(strstr(r.body, line) != NULL, "missing %s", line);
+    kh_response_free(&r);
+
+    /* audited as the read "status" (every page of the log) */
+    for (long long last = 0, n = 1000; n == 1000;) {
+        snprintf(path, sizeof(path), "/v1/audit?after=%lld&limit=1000", last);
+        j = ku_call(&K, "GET", path, NULL, &status);
+        ck_assert_int_eq(status, 200);
+        entries = json_object_get(j, "entries");
+        n = (long long)json_array_size(entries);
+        for (size_t i = 0; i < json_array_size(entries); i++) {
+            json_t *e = json_array_get(entries, i);
+            last = (long long)json_integer_value(json_object_get(e, "seq"));
+            if (strcmp(json_string_value(json_object_get(e, "operation")), "status") == 0 &&
+                strcmp(json_string_value(json_object_get(e, "result")), "ok") == 0)
+                seen++;
+        }
+        json_decref(j);
+    }
+    ck_assert_int_ge(seen, 2);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("kmsd_api");
@@ -446,6 +535,7 @@ static Suite *suite(void)
     tcase_add_test(tc, not_found);
     tcase_add_test(tc, method_not_allowed);
     tcase_add_test(tc, principal_logged);
+    tcase_add_test(tc, status_route);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -298,6 +298,7 @@ START_TEST(partial_grants)
     expect(NOBODY, "POST", "/v1/keys", "{\"name\":\"app-new\"}", 403, "forbidden");
     expect(NOBODY, "GET", "/v1/keys/app-a", NULL, 403, "forbidden");
     expect(NOBODY, "GET", "/v1/keys", NULL, 403, "forbidden");
+    expect(NOBODY, "GET", "/v1/status", NULL, 403, "forbidden");
     snprintf(path, sizeof(path), "/v1/datakeys/%s", id_a);
     expect(NOBODY, "GET", path, NULL, 403, "forbidden");
     expect(NOBODY, "GET", "/v1/datakeys/" UNKNOWN_DEK, NULL, 404, "dek_not_found");

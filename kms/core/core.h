@@ -99,6 +99,10 @@ p11kms_status kms_key_create(kms_core *core, const char *name, kms_key_rec **out
 p11kms_status kms_key_show(kms_core *core, const char *name, kms_key_rec **out);
 p11kms_status kms_key_list(kms_core *core, kms_key_rec ***out, size_t *count);
 
+/* GET /v1/status: the key count and DEK counts by state, audited as the
+ * read "status" like key.list. */
+p11kms_status kms_status_counts(kms_core *core, kms_store_counts *out);
+
 /* ---- key rotation (rotation.c, rewrap.c) ----
  *
  * Versions are numbered 1, 2, 3 ...; the latest wraps new DEKs, the others

@@ -86,6 +86,20 @@ p11kms_status kms_key_show(kms_core *core, const char *name, kms_key_rec **out)
     return rv;
 }
 
+p11kms_status kms_status_counts(kms_core *core, kms_store_counts *out)
+{
+    kms_audit_entry ae;
+    kms_store_counts c;
+    p11kms_status rv;
+
+    kms_audit_entry_init(&ae, "status", NULL, 0, NULL);
+    rv = kms_store_counts_get(kms_core_store(core), &c);
+    rv = kms_audit_settle(core, &ae, rv);
+    if (rv == P11KMS_OK)
+        *out = c;
+    return rv;
+}
+
 p11kms_status kms_key_list(kms_core *core, kms_key_rec ***out, size_t *count)
 {
     p11kms_status rv;

@@ -7,7 +7,8 @@
  * Every counter is a relaxed atomic: the request path takes no lock and
  * costs a few atomic additions.  Token calls come from the module's own
  * counters (p11_stats_get), group commit from the store
- * (kms_store_stats_get), gauges from the server.  Scraping reads
+ * (kms_store_stats_get), gauges from the server, DEK counts by state
+ * from one store query per scrape (kms_store_counts_get).  Scraping reads
  * counters that keep moving: a scrape is a consistent-enough snapshot,
  * never a blocking one.
  *
@@ -198,6 +199,24 @@ static void render_store(FILE *f, kms_store *store)
             (unsigned long long)st.failed_groups, (unsigned long long)st.queued);
 }
 
+/* DEKs by state (the counts of GET /v1/status, not audited: a scrape is
+ * not an operation); left out when the store cannot count. */
+static void render_datakeys(FILE *f, kms_store *store)
+{
+    kms_store_counts c;
+
+    if (kms_store_counts_get(store, &c) != P11KMS_OK)
+        return;
+    fprintf(f,
+            "# HELP p11kms_datakeys Data keys in the store, by state.\n"
+            "# TYPE p11kms_datakeys gauge\n"
+            "p11kms_datakeys{state=\"active\"} %llu\n"
+            "p11kms_datakeys{state=\"revoked\"} %llu\n"
+            "p11kms_datakeys{state=\"destroyed\"} %llu\n",
+            (unsigned long long)c.deks_active, (unsigned long long)c.deks_revoked,
+            (unsigned long long)c.deks_destroyed);
+}
+
 void kms_metrics_render(kms_core *core, const kms_metrics_gauges *g, kms_reply *r)
 {
     char *buf = NULL;
@@ -210,6 +229,7 @@ void kms_metrics_render(kms_core *core, const kms_metrics_gauges *g, kms_reply *
     render_requests(f);
     render_token(f, kms_core_token(core));
     render_store(f, kms_core_store(core));
+    render_datakeys(f, kms_core_store(core));
     fprintf(f,
             "# HELP p11kms_worker_queue_depth Worker jobs queued or running.\n"
             "# TYPE p11kms_worker_queue_depth gauge\n"

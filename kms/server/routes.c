@@ -55,6 +55,7 @@ typedef enum route_id {
     R_KEY_RETIRE,
     R_AUDIT_LIST,
     R_AUDIT_VERIFY,
+    R_STATUS,
     R_METRICS, /* rendered by kms/server/metrics.c (http.c run_job) */
     R_LATER,   /* a contract route of a later release */
 } route_id;
@@ -87,7 +88,7 @@ static const route routes[] = {
     {"POST", "/v1/datakeys/destroy", R_DATAKEY_BULK_DESTROY, "datakey.bulk_destroy"},
     {"GET", "/v1/audit", R_AUDIT_LIST, "audit.list"},
     {"GET", "/v1/audit/verify", R_AUDIT_VERIFY, "audit.verify"},
-    {"GET", "/v1/status", R_LATER, "status"},
+    {"GET", "/v1/status", R_STATUS, "status"},
     {"GET", "/metrics", R_METRICS, "metrics"},
 };
 #define N_ROUTES   (sizeof(routes) / sizeof(routes[0]))
@@ -1162,6 +1163,40 @@ static void health(kms_core *core, kms_reply *r)
     reply_json(r, token_ok && store_ok ? 200 : 503, obj);
 }
 
+/* GET /v1/status: the token, the store, the counts and the audit state
+ * (the same one /v1/health reports).  A store that is down still gets a
+ * 200 saying so, with null counts; any other failure is an error. */
+static p11kms_status status(kms_core *core, kms_reply *r)
+{
+    p11_ctx *tok = kms_core_token(core);
+    kms_store *st = kms_core_store(core);
+    char label[33] = "";
+    int present = p11_probe(tok) == CKR_OK;
+    int have_label = p11_token_label(tok, label) == CKR_OK;
+    int store_ok = kms_store_ping(st) == P11KMS_OK;
+    kms_store_counts c;
+    json_t *keys, *deks;
+    p11kms_status s = kms_status_counts(core, &c);
+
+    if (s == P11KMS_OK) {
+        keys = json_integer((json_int_t)c.keys);
+        deks = json_pack("{s:I,s:I,s:I}", "active", (json_int_t)c.deks_active, "revoked",
+                         (json_int_t)c.deks_revoked, "destroyed", (json_int_t)c.deks_destroyed);
+    } else if (!store_ok) {
+        keys = json_null();
+        deks = json_null();
+    } else {
+        return s;
+    }
+    reply_json(r, 200,
+               json_pack("{s:{s:o,s:b,s:I},s:{s:s,s:b},s:o,s:o,s:s}", "token", "label",
+                         have_label ? json_string(label) : json_null(), "present", present, "slot",
+                         (json_int_t)p11_slot_id(tok), "store", "backend", kms_store_backend(st),
+                         "ok", store_ok, "keys", keys, "datakeys", deks, "audit",
+                         kms_core_audit_state(core) == KMS_AUDIT_STATE_BROKEN ? "broken" : "ok"));
+    return P11KMS_OK;
+}
+
 void kms_routes_execute(kms_core *core, kms_call *call, kms_reply *r)
 {
     kms_key_rec *key = NULL, **keys = NULL;
@@ -1262,6 +1297,7 @@ void kms_routes_execute(kms_core *core, kms_call *call, kms_reply *r)
         break;
     case R_AUDIT_LIST: s = audit_list(core, call, r); break;
     case R_AUDIT_VERIFY: s = audit_verify(core, r); break;
+    case R_STATUS: s = status(core, r); break;
     default: kms_reply_error(r, P11KMS_ERR_NOT_FOUND, "not implemented yet"); break;
     }
     if (s != P11KMS_OK)

@@ -206,6 +206,7 @@ enum {
     R_ROTATION_DUE,
     R_AUDIT_LIST,
     R_AUDIT_HEAD,
+    R_COUNTS,
     R_COUNT
 };
 
@@ -248,6 +249,10 @@ static const char *const reader_sql[R_COUNT] = {
                      "error_code, prev_hash, hash, mac FROM audit WHERE seq > $1::bigint "
                      "ORDER BY seq LIMIT $2::bigint",
     [R_AUDIT_HEAD] = "SELECT seq, hash FROM audit_head WHERE id = 1",
+    [R_COUNTS] = "SELECT (SELECT count(*) FROM keys), "
+                 "count(*) FILTER (WHERE state = 'active'), "
+                 "count(*) FILTER (WHERE state = 'revoked'), "
+                 "count(*) FILTER (WHERE state = 'destroyed') FROM deks",
 };
 
 /* Session settings every connection runs after (re)connecting. */
@@ -1518,6 +1523,26 @@ static void pg_close(kms_store *st)
 
 /* ---- reads -------------------------------------------------------------- */
 
+static p11kms_status pg_counts(kms_store *st, kms_store_counts *out)
+{
+    pg_store *s = pg_of(st);
+    pg_conn *c = reader_get(s);
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    PGresult *r = read_rows(s, c, R_COUNTS, NULL);
+
+    if (r == NULL || PQntuples(r) != 1 || PQnfields(r) != 4)
+        goto out;
+    out->keys = (uint64_t)v_int(r, 0, 0);
+    out->deks_active = (uint64_t)v_int(r, 0, 1);
+    out->deks_revoked = (uint64_t)v_int(r, 0, 2);
+    out->deks_destroyed = (uint64_t)v_int(r, 0, 3);
+    rv = P11KMS_OK;
+out:
+    PQclear(r);
+    reader_put(s, c);
+    return rv;
+}
+
 static p11kms_status pg_ping(kms_store *st)
 {
     pg_store *s = pg_of(st);
@@ -2199,6 +2224,7 @@ static const kms_store_ops pg_ops = {
     .backend = "postgres",
     .close = pg_close,
     .ping = pg_ping,
+    .counts = pg_counts,
     .key_create = pg_key_create,
     .key_get = pg_key_get,
     .key_get_meta = pg_key_get_meta,

@@ -208,6 +208,7 @@ enum {
     R_ROTATION_DUE,
     R_AUDIT_LIST,
     R_AUDIT_HEAD,
+    R_COUNTS,
     R_COUNT
 };
 
@@ -254,6 +255,9 @@ static const char *const reader_sql[R_COUNT] = {
                      "error_code, prev_hash, hash, mac FROM audit WHERE seq > ?1 "
                      "ORDER BY seq LIMIT ?2",
     [R_AUDIT_HEAD] = "SELECT seq, hash FROM audit_head WHERE id = 1",
+    [R_COUNTS] = "SELECT (SELECT count(*) FROM keys), "
+                 "coalesce(sum(state = 'active'), 0), coalesce(sum(state = 'revoked'), 0), "
+                 "coalesce(sum(state = 'destroyed'), 0) FROM deks",
 };
 
 /* ---- types -------------------------------------------------------------- */
@@ -1380,6 +1384,28 @@ out:
     return rv;
 }
 
+static p11kms_status sq_counts(kms_store *st, kms_store_counts *out)
+{
+    sq_store *s = sq_of(st);
+    sq_conn *c = reader_get(s);
+    sqlite3_stmt *q = c->stmt[R_COUNTS];
+    p11kms_status rv = P11KMS_OK;
+    int rc;
+
+    rc = sqlite3_step(q);
+    if (rc != SQLITE_ROW) {
+        rv = SQ_FAIL(c->db, rc, "counting keys and DEKs");
+        goto out;
+    }
+    out->keys = (uint64_t)sqlite3_column_int64(q, 0);
+    out->deks_active = (uint64_t)sqlite3_column_int64(q, 1);
+    out->deks_revoked = (uint64_t)sqlite3_column_int64(q, 2);
+    out->deks_destroyed = (uint64_t)sqlite3_column_int64(q, 3);
+out:
+    reader_put(s, c);
+    return rv;
+}
+
 static p11kms_status version_from_row(sqlite3_stmt *q, int col, kms_version_rec *v)
 {
     int state = kms_version_state_parse((const char *)sqlite3_column_text(q, col + 1));
@@ -2047,6 +2073,7 @@ static const kms_store_ops sq_ops = {
     .backend = "sqlite",
     .close = sq_close,
     .ping = sq_ping,
+    .counts = sq_counts,
     .key_create = sq_key_create,
     .key_get = sq_key_get,
     .key_get_meta = sq_key_get_meta,

@@ -47,6 +47,16 @@ p11kms_status kms_store_ping(kms_store *st)
     return st->ops->ping(st);
 }
 
+p11kms_status kms_store_counts_get(kms_store *st, kms_store_counts *out)
+{
+    if (st == NULL)
+        return P11KMS_ERR_STORE_UNAVAILABLE;
+    if (out == NULL)
+        return P11KMS_ERR_BAD_REQUEST;
+    memset(out, 0, sizeof(*out));
+    return st->ops->counts(st, out);
+}
+
 p11kms_status kms_store_key_create(kms_store *st, const char *name,
                                    const unsigned char token_id[KMS_TOKEN_ID_LEN], int64_t now)
 {

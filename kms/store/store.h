@@ -106,6 +106,18 @@ const char *kms_store_backend(const kms_store *st);
 /* Cheap liveness check for /v1/health. */
 p11kms_status kms_store_ping(kms_store *st);
 
+/* What GET /v1/status and /metrics count: keys, and DEKs by state. */
+typedef struct kms_store_counts {
+    uint64_t keys;
+    uint64_t deks_active;
+    uint64_t deks_revoked;
+    uint64_t deks_destroyed;
+} kms_store_counts;
+
+/* Read-only, one query (one snapshot): a full scan of deks, so for status
+ * and metrics scrapes, not for the hot path. */
+p11kms_status kms_store_counts_get(kms_store *st, kms_store_counts *out);
+
 /* Create key `name` (enabled, min_decrypt_version 1) with version 1 whose
  * token object has CKA_ID token_id.  P11KMS_ERR_KEY_EXISTS if the name is
  * taken.  Durable on return. */

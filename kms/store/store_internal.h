@@ -36,6 +36,7 @@ typedef struct kms_store_ops {
     const char *backend; /* "sqlite", "postgres" */
     void (*close)(kms_store *st);
     p11kms_status (*ping)(kms_store *st);
+    p11kms_status (*counts)(kms_store *st, kms_store_counts *out);
     p11kms_status (*key_create)(kms_store *st, const char *name,
                                 const unsigned char token_id[KMS_TOKEN_ID_LEN], int64_t now);
     p11kms_status (*key_get)(kms_store *st, const char *name, kms_key_rec **out);
