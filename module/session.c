@@ -31,6 +31,7 @@ enum action {
     ACT_STALE,   /* the same, and the handle came from the cache */
     ACT_DIRTY,   /* session left mid-operation: drop it, return rv */
     ACT_REINIT,  /* device lost: drop, re-initialise, retry */
+    ACT_LEFTOVER, /* the pooled session still had an operation active: drop, retry */
 };
 
 CK_RV p11_pool_setup(p11_ctx *ctx)
@@ -264,7 +265,11 @@ static enum action classify(CK_RV rv, int flags)
     case CKR_SESSION_CLOSED: return ACT_SESSION;
     case CKR_OBJECT_HANDLE_INVALID: return (flags & P11_OP_CACHED) ? ACT_STALE : ACT_OBJECT;
     case CKR_KEY_HANDLE_INVALID: return (flags & P11_OP_CACHED) ? ACT_STALE : ACT_DONE;
-    case CKR_OPERATION_ACTIVE: return ACT_DIRTY;
+    /* Not flagged dirty by op: the operation was already active when op
+     * started (an earlier call failed, e.g. C_Encrypt with
+     * CKR_GENERAL_ERROR, without the token terminating it).  Nothing ran:
+     * close that session and run op once more on another. */
+    case CKR_OPERATION_ACTIVE: return ACT_LEFTOVER;
     case CKR_DEVICE_ERROR:
     case CKR_DEVICE_REMOVED:
     case CKR_TOKEN_NOT_PRESENT:
@@ -317,6 +322,7 @@ static CK_RV attempt(p11_ctx *ctx, p11_op_fn op, void *arg, enum action *act, in
         release(ctx, s, pool_gen, 1, 0);
         *act = ACT_DONE;
         break;
+    case ACT_LEFTOVER: release(ctx, s, pool_gen, 1, 0); break;
     case ACT_REINIT: release(ctx, s, pool_gen, 1, 1); break;
     }
 out:

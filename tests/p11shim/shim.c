@@ -38,6 +38,24 @@
  *   P11SHIM_FAIL_RATE   fail each selected call with this probability
  *                       (0.0 .. 1.0), independently of NTH
  *
+ *   P11SHIM_TOKEN_FLAGS_SET   flags OR'ed into every C_GetTokenInfo reply:
+ *                       "final_try", "locked", "count_low",
+ *                       "to_be_changed" or a number, joined by '|' or ','
+ *   P11SHIM_TOKEN_FLAGS_CLEAR the same, cleared from the reply
+ *   P11SHIM_GONE_FILE   while this file exists the token is gone: every
+ *                       token-class call fails with P11SHIM_GONE_RV
+ *                       (default CKR_DEVICE_REMOVED) without being
+ *                       forwarded, C_GetSlotList(CK_TRUE) lists no slot
+ *                       and C_GetSlotInfo clears CKF_TOKEN_PRESENT;
+ *                       removing the file brings the token back
+ *   P11SHIM_HANG_MS     the selected calls hang this long before running
+ *   P11SHIM_HANG_FUNCS  which calls hang: a list, "token" or "all"
+ *                       (default: none; HANG_MS alone does nothing)
+ *   P11SHIM_STATS_SNAPSHOT  a file rewritten with the counts so far (the
+ *                       P11SHIM_STATS lines) after every C_Finalize
+ *   P11SHIM_HANG_FILE   when set, a call hangs only while this file
+ *                       exists, and stops hanging as soon as it is removed
+ *
  * A failed call is not forwarded (the real module never sees it), after
  * its delay has been slept.  P11SHIM_DEBUG=1 logs each injected fault on
  * stderr.  P11SHIM_STATS=FILE appends, when the shim is unloaded (or the
@@ -60,6 +78,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #include <p11-kit/pkcs11.h>
 
@@ -225,6 +244,7 @@ typedef struct shim_fn {
     const char *name;
     int cls;            /* SHIM_M or SHIM_T */
     unsigned delay_us;  /* slept before the call */
+    unsigned hang_ms;   /* P11SHIM_HANG_MS for the selected functions */
     int may_fail;       /* selected by P11SHIM_FAIL_FUNCS */
     atomic_ulong calls; /* calls seen (diagnostics) */
 } shim_fn;
@@ -238,6 +258,11 @@ typedef struct shim_state {
     unsigned long fail_count; /* 0: forever */
     double fail_rate;         /* 0: off */
     int debug;
+    CK_FLAGS flags_set;      /* P11SHIM_TOKEN_FLAGS_SET */
+    CK_FLAGS flags_clear;    /* P11SHIM_TOKEN_FLAGS_CLEAR */
+    const char *gone_file;   /* P11SHIM_GONE_FILE (NULL: never gone) */
+    CK_RV gone_rv;           /* P11SHIM_GONE_RV */
+    const char *hang_file;   /* P11SHIM_HANG_FILE (NULL: hang always) */
     atomic_ulong fail_seen; /* selected calls so far (for NTH) */
     shim_fn fn[SHIM_N];
 } shim_state;
@@ -330,6 +355,58 @@ static int selected(const char *sel, const shim_fn *fn)
     return 0;
 }
 
+/* "final_try|locked" -> CKF_USER_PIN_FINAL_TRY | CKF_USER_PIN_LOCKED. */
+static CK_FLAGS parse_flags(const char *var)
+{
+    static const struct {
+        const char *name;
+        CK_FLAGS flag;
+    } names[] = {
+        {"final_try", CKF_USER_PIN_FINAL_TRY},
+        {"locked", CKF_USER_PIN_LOCKED},
+        {"count_low", CKF_USER_PIN_COUNT_LOW},
+        {"to_be_changed", CKF_USER_PIN_TO_BE_CHANGED},
+    };
+    const char *v = getenv(var), *p;
+    CK_FLAGS out = 0;
+
+    if (v == NULL)
+        return 0;
+    for (p = v; *p != '\0';) {
+        size_t len = strcspn(p, "|, ");
+        int known = 0;
+
+        for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
+            if (len == strlen(names[i].name) && strncmp(p, names[i].name, len) == 0) {
+                out |= names[i].flag;
+                known = 1;
+            }
+        }
+        if (!known && len > 0) {
+            char buf[32], *end = NULL;
+            unsigned long n;
+
+            snprintf(buf, sizeof(buf), "%.*s", (int)len, p);
+            n = strtoul(buf, &end, 0);
+            if (end == buf || *end != '\0')
+                fprintf(stderr, "p11shim: ignoring bad flag '%s' in %s\n", buf, var);
+            else
+                out |= (CK_FLAGS)n;
+        }
+        p += len;
+        if (*p != '\0')
+            p++;
+    }
+    return out;
+}
+
+static const char *env_str(const char *name)
+{
+    const char *v = getenv(name);
+
+    return v != NULL && *v != '\0' ? v : NULL;
+}
+
 static CK_RV load_real(void)
 {
     const char *path = getenv("P11SHIM_MODULE");
@@ -364,6 +441,8 @@ out:
     return rv;
 }
 
+static void shim_install_hooks(void);
+
 static void shim_load(void)
 {
     const char *delay_sel = getenv("P11SHIM_DELAY_FUNCS");
@@ -386,13 +465,26 @@ static void shim_load(void)
             S.fail_rate = 0.0;
         }
     }
+    S.flags_set = parse_flags("P11SHIM_TOKEN_FLAGS_SET");
+    S.flags_clear = parse_flags("P11SHIM_TOKEN_FLAGS_CLEAR");
+    S.gone_file = env_str("P11SHIM_GONE_FILE");
+    S.gone_rv = CKR_DEVICE_REMOVED;
+    if (env_str("P11SHIM_GONE_RV") != NULL && parse_rv(getenv("P11SHIM_GONE_RV"), &S.gone_rv) != 0)
+        fprintf(stderr, "p11shim: ignoring bad P11SHIM_GONE_RV=%s\n", getenv("P11SHIM_GONE_RV"));
+    S.hang_file = env_str("P11SHIM_HANG_FILE");
     atomic_init(&S.fail_seen, 0);
     for (int i = 0; i < SHIM_N; i++) {
         atomic_init(&S.fn[i].calls, 0);
         S.fn[i].delay_us = selected(delay_sel, &S.fn[i]) ? (unsigned)delay : 0;
+        /* No default selection for hangs: HANG_FUNCS must name them. */
+        S.fn[i].hang_ms = env_str("P11SHIM_HANG_FUNCS") != NULL &&
+                                  selected(getenv("P11SHIM_HANG_FUNCS"), &S.fn[i])
+                              ? (unsigned)env_ulong("P11SHIM_HANG_MS", 0)
+                              : 0;
         S.fn[i].may_fail = (S.fail_nth != 0 || S.fail_rate > 0.0) && selected(fail_sel, &S.fn[i]);
     }
     S.load_rv = load_real();
+    shim_install_hooks();
 }
 
 /* ---- the hook run before every forwarded call ----------------------------- */
@@ -421,6 +513,38 @@ static double thread_uniform(void)
     return (double)(x >> 11) / (double)(1ull << 53);
 }
 
+static int file_exists(const char *path)
+{
+    return path != NULL && access(path, F_OK) == 0;
+}
+
+/* Is the token "gone" right now (P11SHIM_GONE_FILE exists)?  A stat per
+ * call, only when the switch is configured. */
+static int token_gone(void)
+{
+    return file_exists(S.gone_file);
+}
+
+/* P11SHIM_HANG_MS: sleep in 10 ms steps, stopping early once
+ * P11SHIM_HANG_FILE (when set) is removed. */
+static void hang(const shim_fn *fn)
+{
+    unsigned left = fn->hang_ms;
+
+    if (S.hang_file != NULL && !file_exists(S.hang_file))
+        return;
+    if (S.debug)
+        fprintf(stderr, "p11shim: %s hangs for up to %u ms\n", fn->name, left);
+    while (left > 0) {
+        unsigned step = left < 10 ? left : 10;
+
+        sleep_us(step * 1000u);
+        left -= step;
+        if (S.hang_file != NULL && !file_exists(S.hang_file))
+            break;
+    }
+}
+
 /* Returns 1 with *rv set when the call must fail without being forwarded. */
 static int shim_enter(int idx, CK_RV *rv)
 {
@@ -434,6 +558,14 @@ static int shim_enter(int idx, CK_RV *rv)
     }
     if (fn->delay_us != 0)
         sleep_us(fn->delay_us);
+    if (fn->hang_ms != 0)
+        hang(fn);
+    if (fn->cls == SHIM_T && token_gone()) {
+        *rv = S.gone_rv;
+        if (S.debug)
+            fprintf(stderr, "p11shim: %s -> token gone 0x%lx\n", fn->name, (unsigned long)*rv);
+        return 1;
+    }
     if (!fn->may_fail)
         return 0;
     if (S.fail_nth != 0) {
@@ -472,6 +604,84 @@ static CK_FUNCTION_LIST shim_list = {.version = {2, 40},
 #undef SHIM_ENTRY
 };
 
+/* ---- post-call hooks (installed over the generated forwarders) ------------ */
+
+/* One line "C_xxx <calls>" per function called, to path opened in mode. */
+static void write_stats(const char *path, const char *mode)
+{
+    FILE *f = fopen(path, mode);
+
+    if (f == NULL)
+        return;
+    for (int i = 0; i < SHIM_N; i++) {
+        unsigned long n = atomic_load(&S.fn[i].calls);
+        if (n != 0)
+            fprintf(f, "%s %lu\n", S.fn[i].name, n);
+    }
+    fclose(f);
+}
+
+/* P11SHIM_STATS_SNAPSHOT: the counts so far, rewritten (temp file and
+ * rename) after every C_Finalize, for a process that keeps the shim
+ * loaded (p11-kit does not always unload it). */
+static CK_RV hook_C_Finalize(CK_VOID_PTR reserved)
+{
+    CK_RV rv = shim_C_Finalize(reserved);
+    const char *snap = env_str("P11SHIM_STATS_SNAPSHOT");
+    char tmp[4096];
+
+    if (snap != NULL && snprintf(tmp, sizeof(tmp), "%s.tmp", snap) < (int)sizeof(tmp)) {
+        write_stats(tmp, "w");
+        if (rename(tmp, snap) != 0)
+            fprintf(stderr, "p11shim: cannot write %s\n", snap);
+    }
+    return rv;
+}
+
+/* The PIN flags rewritten (P11SHIM_TOKEN_FLAGS_SET / _CLEAR). */
+static CK_RV hook_C_GetTokenInfo(CK_SLOT_ID slot, CK_TOKEN_INFO_PTR info)
+{
+    CK_RV rv = shim_C_GetTokenInfo(slot, info);
+
+    if (rv == CKR_OK && info != NULL)
+        info->flags = (info->flags & ~S.flags_clear) | S.flags_set;
+    return rv;
+}
+
+/* A gone token is not listed among the slots with a token. */
+static CK_RV hook_C_GetSlotList(CK_BBOOL present, CK_SLOT_ID_PTR list, CK_ULONG_PTR count)
+{
+    CK_RV rv;
+
+    if (present && count != NULL && token_gone()) {
+        (void)shim_enter(SHIM_IDX_C_GetSlotList, &rv); /* counted and delayed only */
+        *count = 0;
+        return CKR_OK;
+    }
+    return shim_C_GetSlotList(present, list, count);
+}
+
+static CK_RV hook_C_GetSlotInfo(CK_SLOT_ID slot, CK_SLOT_INFO_PTR info)
+{
+    CK_RV rv = shim_C_GetSlotInfo(slot, info);
+
+    if (rv == CKR_OK && info != NULL && token_gone())
+        info->flags &= ~(CK_FLAGS)CKF_TOKEN_PRESENT;
+    return rv;
+}
+
+static void shim_install_hooks(void)
+{
+    if (env_str("P11SHIM_STATS_SNAPSHOT") != NULL)
+        shim_list.C_Finalize = hook_C_Finalize;
+    if (S.flags_set != 0 || S.flags_clear != 0)
+        shim_list.C_GetTokenInfo = hook_C_GetTokenInfo;
+    if (S.gone_file != NULL) {
+        shim_list.C_GetSlotList = hook_C_GetSlotList;
+        shim_list.C_GetSlotInfo = hook_C_GetSlotInfo;
+    }
+}
+
 static CK_RV shim_C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list)
 {
     CK_RV rv = CKR_ARGUMENTS_BAD;
@@ -499,16 +709,9 @@ CK_RV C_GetFunctionList(CK_FUNCTION_LIST_PTR_PTR list)
 __attribute__((destructor)) static void shim_unload(void)
 {
     const char *stats = getenv("P11SHIM_STATS");
-    FILE *f;
 
-    if (stats != NULL && *stats != '\0' && (f = fopen(stats, "a")) != NULL) {
-        for (int i = 0; i < SHIM_N; i++) {
-            unsigned long n = atomic_load(&S.fn[i].calls);
-            if (n != 0)
-                fprintf(f, "%s %lu\n", S.fn[i].name, n);
-        }
-        fclose(f);
-    }
+    if (stats != NULL && *stats != '\0')
+        write_stats(stats, "a");
     if (S.handle != NULL)
         dlclose(S.handle);
     S.handle = NULL;
