@@ -28,6 +28,7 @@
  * on it (open, copy, close), taken before cache_mu.  The operations run
  * under p11_run (read lock, pooled session).
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -505,6 +506,7 @@ out:
 
 struct create_arg {
     const char *label;
+    int given_id; /* 1: id is the caller's (p11_kek_create_with_id) */
     unsigned char id[P11_KEK_ID_LEN];
 };
 
@@ -552,9 +554,11 @@ static CK_RV op_create(p11_ctx *ctx, CK_SESSION_HANDLE s, void *argp, int *flags
     };
 
     (void)flags;
-    rv = P11_CALL(ctx, C_GenerateRandom, s, arg->id, P11_KEK_ID_LEN);
-    if (rv != CKR_OK)
-        goto out;
+    if (!arg->given_id) {
+        rv = P11_CALL(ctx, C_GenerateRandom, s, arg->id, P11_KEK_ID_LEN);
+        if (rv != CKR_OK)
+            goto out;
+    }
     (void)cache_get(ctx, arg->id, &unused, &cache_gen);
     rv = P11_CALL(ctx, C_GenerateKey, s, &gen, tmpl, sizeof(tmpl) / sizeof(tmpl[0]), &h);
     if (rv != CKR_OK)
@@ -572,9 +576,26 @@ CK_RV p11_kek_create(p11_ctx *ctx, const char *label, unsigned char id[P11_KEK_I
     if (ctx == NULL || label == NULL || id == NULL)
         goto out;
     arg.label = label;
+    arg.given_id = 0;
     rv = p11_run(ctx, op_create, &arg);
     if (rv == CKR_OK)
         memcpy(id, arg.id, P11_KEK_ID_LEN);
+out:
+    return rv;
+}
+
+CK_RV p11_kek_create_with_id(p11_ctx *ctx, const char *label,
+                             const unsigned char id[P11_KEK_ID_LEN])
+{
+    CK_RV rv = CKR_ARGUMENTS_BAD;
+    struct create_arg arg;
+
+    if (ctx == NULL || label == NULL || id == NULL)
+        goto out;
+    arg.label = label;
+    arg.given_id = 1;
+    memcpy(arg.id, id, P11_KEK_ID_LEN);
+    rv = p11_run(ctx, op_create, &arg);
 out:
     return rv;
 }
@@ -639,6 +660,48 @@ CK_RV p11_kek_exists(p11_ctx *ctx, const unsigned char id[P11_KEK_ID_LEN])
     if (ctx == NULL || id == NULL)
         return CKR_ARGUMENTS_BAD;
     return p11_run(ctx, op_exists, (void *)id);
+}
+
+struct label_arg {
+    const unsigned char *id;
+    char *out;
+    size_t len;
+};
+
+static CK_RV op_label(p11_ctx *ctx, CK_SESSION_HANDLE s, void *argp, int *flags)
+{
+    struct label_arg *arg = argp;
+    CK_OBJECT_HANDLE h;
+    CK_ATTRIBUTE a = {CKA_LABEL, NULL, 0};
+    char buf[256];
+    CK_RV rv;
+
+    rv = find_kek(ctx, s, arg->id, &h, flags);
+    if (rv != CKR_OK)
+        goto out;
+    a.pValue = buf;
+    a.ulValueLen = sizeof(buf) - 1;
+    rv = P11_CALL(ctx, C_GetAttributeValue, s, h, &a, 1);
+    if (rv != CKR_OK)
+        goto out;
+    if (a.ulValueLen >= sizeof(buf)) {
+        rv = CKR_BUFFER_TOO_SMALL;
+        goto out;
+    }
+    buf[a.ulValueLen] = '\0';
+    snprintf(arg->out, arg->len, "%s", buf);
+out:
+    return rv;
+}
+
+CK_RV p11_kek_label(p11_ctx *ctx, const unsigned char id[P11_KEK_ID_LEN], char *out, size_t len)
+{
+    struct label_arg arg = {id, out, len};
+
+    if (ctx == NULL || id == NULL || out == NULL || len == 0)
+        return CKR_ARGUMENTS_BAD;
+    out[0] = '\0';
+    return p11_run(ctx, op_label, &arg);
 }
 
 /* ---- list --------------------------------------------------------------- */

@@ -79,6 +79,18 @@ CK_RV p11_random(p11_ctx *ctx, unsigned char *buf, size_t len);
 CK_RV p11_kek_create(p11_ctx *ctx, const char *label,
                      unsigned char id[P11_KEK_ID_LEN]);
 
+/* The same with the caller's CKA_ID (P11_KEK_ID_LEN random bytes the
+ * caller drew, e.g. with p11_random): the service records a creation
+ * intent for the id before the object exists. */
+CK_RV p11_kek_create_with_id(p11_ctx *ctx, const char *label,
+                             const unsigned char id[P11_KEK_ID_LEN]);
+
+/* The CKA_LABEL of the KEK object with this CKA_ID, NUL-terminated and
+ * truncated to len - 1 bytes (for logs).  CKR_KEY_HANDLE_INVALID when
+ * there is no such object. */
+CK_RV p11_kek_label(p11_ctx *ctx, const unsigned char id[P11_KEK_ID_LEN], char *out,
+                    size_t len);
+
 /* Destroy the KEK object with this CKA_ID.  CKR_OK when it is already gone
  * is not given: a missing object is CKR_KEY_HANDLE_INVALID. */
 CK_RV p11_kek_destroy(p11_ctx *ctx, const unsigned char id[P11_KEK_ID_LEN]);

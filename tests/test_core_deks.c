@@ -1,7 +1,9 @@
 /*
  * tests/test_core_deks.c - the core against a real SoftHSM2 token and a
  * real SQLite file: key creation, DEK generate/decrypt, every error code
- * the core answers, durability across a reopen, orphan reconciliation,
+ * the core answers, durability across a reopen, orphan reconciliation
+ * (creation intents: only objects of old intents are destroyed, unknown
+ * objects are kept),
  * concurrent issuance, and the argument checks of the DEK lifecycle
  * functions (the lifecycle itself is tested in test_store_deks and
  * test_kmsd_deks).
@@ -12,6 +14,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "kms/core/core.h"
 #include "testtoken.h"
@@ -24,12 +27,18 @@ static p11_ctx *p11;
 static kms_store *store;
 static kms_core *core;
 
-static void open_all(void)
+static void open_grace(int64_t grace)
 {
     p11_config cfg = {.module = token.module, .uri = token.uri, .pin = TT_PIN};
+    kms_core_options o = {.intent_grace = grace};
     ck_assert_int_eq(p11_open(&cfg, &p11), CKR_OK);
     ck_assert_int_eq(ts_db_open(&db, &store), P11KMS_OK);
-    ck_assert_int_eq(kms_core_new(p11, store, &core), P11KMS_OK);
+    ck_assert_int_eq(kms_core_new_ex(p11, store, &o, &core), P11KMS_OK);
+}
+
+static void open_all(void)
+{
+    open_grace(0); /* the default grace */
 }
 
 static void close_all(void)
@@ -193,22 +202,104 @@ START_TEST(test_durable_across_reopen)
 }
 END_TEST
 
-/* A KEK object left by a crash between C_GenerateKey and the store commit
- * is destroyed at the next start; objects the store knows are kept. */
-START_TEST(test_orphan_reconciled_at_start)
+static size_t intents_count(void)
 {
-    kms_key_rec *k = NULL;
-    unsigned char orphan[P11_KEK_ID_LEN], unrelated[P11_KEK_ID_LEN];
+    kms_kek_intent *list = NULL;
+    size_t n = 99;
+    ck_assert_int_eq(kms_store_kek_intents(store, INT64_MAX, &list, &n), P11KMS_OK);
+    free(list);
+    return n;
+}
+
+/* A crash between C_GenerateKey and the store commit: an intent (created
+ * `age` seconds ago) and the object, no version row. */
+static void fake_crashed_creation(const char *key, int64_t age, unsigned char id[P11_KEK_ID_LEN])
+{
+    char label[128];
+
+    snprintf(label, sizeof(label), "p11kms:%s:v1", key);
+    ck_assert_int_eq(p11_random(p11, id, P11_KEK_ID_LEN), CKR_OK);
+    ck_assert_int_eq(kms_store_kek_intent_add(store, id, key, 1, (int64_t)time(NULL) - age),
+                     P11KMS_OK);
+    ck_assert_int_eq(p11_kek_create_with_id(p11, label, id), CKR_OK);
+}
+
+/* An unknown "p11kms:" object without an intent (a key created after the
+ * backup this store was restored from, or another deployment's) is KEPT
+ * at start; so are objects the store knows and unrelated objects.  Key
+ * creation and rotation leave no intent behind. */
+START_TEST(test_unknown_object_kept_at_start)
+{
+    kms_key_rec *k = NULL, *r = NULL;
+    unsigned char unknown[P11_KEK_ID_LEN], unrelated[P11_KEK_ID_LEN];
 
     ck_assert_int_eq(kms_key_create(core, "customers", &k), P11KMS_OK);
-    ck_assert_int_eq(p11_kek_create(p11, "p11kms:ghost:v1", orphan), CKR_OK);
+    ck_assert_int_eq(kms_key_rotate(core, "customers", &r), P11KMS_OK);
+    ck_assert_uint_eq(intents_count(), 0);
+    ck_assert_int_eq(p11_kek_create(p11, "p11kms:ghost:v1", unknown), CKR_OK);
     ck_assert_int_eq(p11_kek_create(p11, "someone-else:key", unrelated), CKR_OK);
     close_all();
-    open_all();
-    ck_assert_int_eq(p11_kek_exists(p11, orphan), CKR_KEY_HANDLE_INVALID);
+    open_grace(KMS_INTENT_GRACE_NONE);
+    ck_assert_int_eq(p11_kek_exists(p11, unknown), CKR_OK);
     ck_assert_int_eq(p11_kek_exists(p11, unrelated), CKR_OK);
     ck_assert_int_eq(p11_kek_exists(p11, k->versions[0].token_id), CKR_OK);
+    ck_assert_int_eq(p11_kek_exists(p11, r->versions[1].token_id), CKR_OK);
+    /* and again: kept for good, not destroyed at a later start */
+    close_all();
+    open_all();
+    ck_assert_int_eq(p11_kek_exists(p11, unknown), CKR_OK);
     kms_key_rec_free(k);
+    kms_key_rec_free(r);
+}
+END_TEST
+
+/* An object whose intent is older than the grace period and which has no
+ * version row is an orphan: destroyed at start, its intent deleted.  An
+ * old intent without an object is deleted too. */
+START_TEST(test_old_intent_orphan_destroyed)
+{
+    unsigned char orphan[P11_KEK_ID_LEN], gone[P11_KEK_ID_LEN];
+
+    fake_crashed_creation("ghost", 3600, orphan);
+    ck_assert_int_eq(p11_random(p11, gone, P11_KEK_ID_LEN), CKR_OK);
+    ck_assert_int_eq(kms_store_kek_intent_add(store, gone, "never", 1, (int64_t)time(NULL) - 3600),
+                     P11KMS_OK);
+    ck_assert_uint_eq(intents_count(), 2);
+    close_all();
+    open_all(); /* default grace: 60 s < 3600 s */
+    ck_assert_int_eq(p11_kek_exists(p11, orphan), CKR_KEY_HANDLE_INVALID);
+    ck_assert_uint_eq(intents_count(), 0);
+}
+END_TEST
+
+/* An intent younger than the grace period may be another node's creation
+ * in flight: its object and the intent are kept; with no grace (tests)
+ * the same object is destroyed. */
+START_TEST(test_young_intent_kept)
+{
+    unsigned char busy[P11_KEK_ID_LEN];
+    kms_kek_intent *list = NULL;
+    size_t n = 0;
+
+    fake_crashed_creation("inflight", 0, busy);
+    close_all();
+    open_all();
+    ck_assert_int_eq(p11_kek_exists(p11, busy), CKR_OK);
+    ck_assert_int_eq(kms_store_kek_intents(store, INT64_MAX, &list, &n), P11KMS_OK);
+    ck_assert_uint_eq(n, 1);
+    ck_assert_mem_eq(list[0].token_id, busy, P11_KEK_ID_LEN);
+    ck_assert_str_eq(list[0].key_name, "inflight");
+    ck_assert_uint_eq(list[0].version, 1);
+    free(list);
+    /* older_than filters */
+    ck_assert_int_eq(kms_store_kek_intents(store, (int64_t)time(NULL) - 3600, &list, &n),
+                     P11KMS_OK);
+    ck_assert_uint_eq(n, 0);
+    free(list);
+    close_all();
+    open_grace(KMS_INTENT_GRACE_NONE);
+    ck_assert_int_eq(p11_kek_exists(p11, busy), CKR_KEY_HANDLE_INVALID);
+    ck_assert_uint_eq(intents_count(), 0);
 }
 END_TEST
 
@@ -343,7 +434,9 @@ static Suite *suite(void)
     tcase_add_test(tc, test_decrypt_errors);
     tcase_add_test(tc, test_integrity_failure);
     tcase_add_test(tc, test_durable_across_reopen);
-    tcase_add_test(tc, test_orphan_reconciled_at_start);
+    tcase_add_test(tc, test_unknown_object_kept_at_start);
+    tcase_add_test(tc, test_old_intent_orphan_destroyed);
+    tcase_add_test(tc, test_young_intent_kept);
     tcase_add_test(tc, test_concurrent_issuance);
     tcase_add_test(tc, test_lifecycle_argument_errors);
     suite_add_tcase(s, tc);

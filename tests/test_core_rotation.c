@@ -5,7 +5,8 @@
  * rotations (distinct versions, no object left over), the wrap cap
  * (max_wraps_per_version = 5: the 6th DEK lands on v2; racing issuers
  * never exceed it), a crash between the token object and the store row
- * (a forked child killed by the test hook; the orphan is reconciled at the
+ * (a forked child killed by the test hook; its creation intent makes the
+ * orphan reconciled -- kept within the grace period, destroyed after -- at the
  * next start), an interrupted retire finished at start, rewrap (batched
  * and whole; revoked stay revoked, destroyed untouched; every DEK
  * decrypts to the same bytes) followed by retire with the object gone,
@@ -33,10 +34,12 @@ static p11_ctx *p11;
 static kms_store *store;
 static kms_core *core;
 
+static int64_t intent_grace; /* kms_core_options.intent_grace of open_with */
+
 static void open_with(uint64_t max_wraps)
 {
     p11_config cfg = {.module = token.module, .uri = token.uri, .pin = TT_PIN};
-    kms_core_options o = {.max_wraps_per_version = max_wraps};
+    kms_core_options o = {.max_wraps_per_version = max_wraps, .intent_grace = intent_grace};
 
     ck_assert_int_eq(p11_open(&cfg, &p11), CKR_OK);
     ck_assert_int_eq(ts_db_open(&db, &store), P11KMS_OK);
@@ -55,6 +58,7 @@ static void close_all(void)
 
 static void setup(void)
 {
+    intent_grace = 0;
     ck_assert_int_eq(tt_token_new("core-rot", &token), 0);
     ck_assert_int_eq(tt_tempdir(dir, sizeof(dir)), 0);
     ck_assert_int_eq(ts_db_new(dir, &db), 0);
@@ -275,8 +279,33 @@ START_TEST(crash_between_object_and_row)
         p11_close(p11);
         p11 = NULL;
     }
+    {
+        /* ... and its creation intent. */
+        kms_kek_intent *list = NULL;
+        size_t n = 0;
+        ck_assert_int_eq(ts_db_open(&db, &store), P11KMS_OK);
+        ck_assert_int_eq(kms_store_kek_intents(store, INT64_MAX, &list, &n), P11KMS_OK);
+        ck_assert_uint_eq(n, 1);
+        ck_assert_str_eq(list[0].key_name, "crash");
+        ck_assert_uint_eq(list[0].version, 2);
+        free(list);
+        kms_store_close(store);
+        store = NULL;
+    }
+    open_with(0); /* the default grace: may be another node's creation, kept */
+    ck_assert_uint_eq(token_objects(), 2);
+    close_all();
+    intent_grace = KMS_INTENT_GRACE_NONE;
     open_with(0); /* reconciles */
+    intent_grace = 0;
     ck_assert_uint_eq(token_objects(), 1);
+    {
+        kms_kek_intent *list = NULL;
+        size_t n = 9;
+        ck_assert_int_eq(kms_store_kek_intents(store, INT64_MAX, &list, &n), P11KMS_OK);
+        ck_assert_uint_eq(n, 0);
+        free(list);
+    }
     k = key("crash");
     ck_assert_uint_eq(k->latest_version, 1);
     kms_key_rec_free(k);

@@ -8,7 +8,7 @@
  *    started again: every DEK decrypts to the same bytes (also one
  *    destroyed after the backup: it comes back, as docs/operations.md
  *    says) and the audit chain verifies; a key created after the backup
- *    is reported (kmsd's orphan sweep will destroy its KEK object);
+ *    is reported, and kmsd keeps its KEK object (logged, not destroyed);
  *  - restore refused when a KEK version of the manifest is gone from the
  *    token (destroyed here with p11_kek_destroy), the store untouched;
  *  - a postgres configuration refused by both commands, pointing to
@@ -167,8 +167,8 @@ START_TEST(restore_drill)
     CTL(&r, "dek", "destroy", d[0].id);
     ck_assert_msg(r.status == 0, "destroy: %s", r.err);
     kr_free(&r);
-    /* A key created after the backup: restore warns that kmsd will
-     * destroy its KEK object as an orphan. */
+    /* A key created after the backup: restore reports it, and kmsd keeps
+     * its KEK object (no creation intent refers to it). */
     json_decref(CTL_JSON("key", "create", "bk-late"));
 
     ck_assert_int_eq(kh_stop(&K, SIGTERM), 0);
@@ -182,6 +182,13 @@ START_TEST(restore_drill)
     ck_assert_int_eq(sb.st_mode & 0777, 0600);
 
     ck_assert_int_eq(kh_start(&K), 0);
+    {
+        /* The newer key's KEK object is kept, and said so. */
+        char *log = kh_read_file(K.log, NULL);
+        ck_assert_ptr_nonnull(log);
+        ck_assert_msg(strstr(log, "unknown KEK object p11kms:bk-late:v1 kept") != NULL, "%s", log);
+        free(log);
+    }
     for (int i = 0; i < n; i++) {
         j = CTL_JSON("dek", "decrypt", d[i].id, "--context", "app=backup");
         ck_assert_str_eq(json_string_value(json_object_get(j, "plaintext")), d[i].plain);

@@ -19,8 +19,14 @@
  * the token with the configuration's module, URI and PIN and checks that
  * every object of the manifest exists BEFORE anything is replaced.  Then
  * it copies IN to a temp file beside the store (manifest table dropped,
- * fsync), removes the old store's -wal and -shm (a stale WAL must never be
+ * KEK creation intents deleted, fsync), removes the old store's -wal and -shm (a stale WAL must never be
  * replayed onto the restored file) and renames the temp over the store.
+ * KEK objects in the token that the backup does not know (created after
+ * it) are reported; kmsd keeps them (and logs each at start), it never
+ * destroys a KEK object it has no creation intent for.  The backup's own
+ * intents are deleted for that reason: a creation in flight when the
+ * backup was taken may have been committed afterwards, and its object may
+ * wrap DEKs the backup does not hold.
  *
  * PostgreSQL: both refuse with a pointer to docs/operations.md (pg_dump,
  * replication).  See docs/operations.md "Backup and restore".
@@ -554,8 +560,9 @@ static int check_token(const kms_config *cfg, const manifest *m, const char *in)
             goto out;
         }
     }
-    /* KEK objects the backup does not know (created after it): kmsd's
-     * start-up orphan sweep destroys them.  Say so before it happens. */
+    /* KEK objects the backup does not know (created after it): kmsd
+     * keeps them (no creation intent refers to them) and logs each one at
+     * start.  Say so here too. */
     crv = p11_kek_list(token, KMS_KEK_LABEL_PREFIX, &ids, &n_ids);
     if (crv == CKR_OK) {
         for (size_t i = 0; i < n_ids; i++) {
@@ -574,8 +581,9 @@ static int check_token(const kms_config *cfg, const manifest *m, const char *in)
         }
         if (extra > 0 && missing == 0)
             fprintf(stderr, "kmsctl: restore: warning: %zu KEK object(s) newer than the backup: "
-                    "kmsd destroys them as orphans when it starts on the restored store (the "
-                    "DEKs they wrapped are not in this backup)\n", extra);
+                    "kmsd keeps them and logs each one when it starts on the restored store "
+                    "(the DEKs they wrapped are not in this backup; a newer backup still needs "
+                    "them)\n", extra);
     }
     if (missing > 0) {
         kms_fail("restore", "%zu of the %zu token object(s) the backup %s needs are missing from "
@@ -598,6 +606,21 @@ static int unlink_if_there(const char *path, const char *suffix)
     if (unlink(p) != 0 && errno != ENOENT)
         return kms_fail("restore", "cannot remove %s: %s", p, strerror(errno));
     return 0;
+}
+
+static int table_exists(sqlite3 *db, const char *name)
+{
+    sqlite3_stmt *q = NULL;
+    int found = 0;
+
+    if (sqlite3_prepare_v2(db, "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                           -1, &q, NULL) != SQLITE_OK)
+        goto out;
+    sqlite3_bind_text(q, 1, name, -1, SQLITE_STATIC);
+    found = sqlite3_step(q) == SQLITE_ROW;
+out:
+    sqlite3_finalize(q);
+    return found;
 }
 
 static int do_restore(kms_cli *cli, const kms_config *cfg, const char *in)
@@ -628,6 +651,12 @@ static int do_restore(kms_cli *cli, const kms_config *cfg, const char *in)
     }
     if (sq_copy(in, tmp, &db, "restore") != 0 ||
         sq_exec(db, "DROP TABLE " MANIFEST_TABLE, "dropping the manifest", "restore") != 0)
+        goto out;
+    /* The backup's creation intents (a store of schema 4 or later) may
+     * name objects committed after the backup: never let kmsd treat them
+     * as orphans of the restored store. */
+    if (table_exists(db, "kek_intents") &&
+        sq_exec(db, "DELETE FROM kek_intents", "deleting KEK creation intents", "restore") != 0)
         goto out;
     if (sqlite3_close(db) != SQLITE_OK) {
         kms_fail("restore", "closing %s: %s", tmp, sqlite3_errmsg(db));

@@ -2,6 +2,12 @@
  * kms/core/core.c - the core context: token + store, start-up
  * reconciliation, and the one CK_RV -> p11kms_status conversion.
  *
+ * Start-up reconciliation (reconcile_orphans) destroys only KEK objects
+ * this store proves to be dead: those of destroyed versions and those of
+ * creation intents older than the grace period with no version row.
+ * Unknown "p11kms:" objects are kept and logged (a restored older backup
+ * must not cost the KEKs of newer data).
+ *
  * The context holds no mutable state of its own after kms_core_new_ex
  * (options and test hooks are set before it is shared) except the audit
  * state (atomic; see audit.c): the token layer and the store are
@@ -13,8 +19,10 @@
  */
 #include <pthread.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "kms/core/core.h"
 #include "kms/core/internal.h"
@@ -28,6 +36,7 @@ struct kms_core {
     kms_store *store;
     uint64_t max_wraps;
     unsigned rewrap_threads;
+    int64_t intent_grace; /* seconds, >= 0 */
     kms_core_test_hooks hooks;
     pthread_mutex_t rotate_mu;
     int rotate_mu_ok;
@@ -98,6 +107,11 @@ uint64_t kms_core_max_wraps(const kms_core *core)
     return core->max_wraps;
 }
 
+int64_t kms_core_intent_grace(const kms_core *core)
+{
+    return core->intent_grace;
+}
+
 unsigned kms_core_rewrap_threads(const kms_core *core)
 {
     return core->rewrap_threads;
@@ -159,20 +173,49 @@ static int id_in_list(const unsigned char *id, unsigned char (*ids)[KMS_TOKEN_ID
     return 0;
 }
 
-/* Destroy KEK objects that the store does not refer to.  They can only be
- * left by a crash (or a failed commit) between C_GenerateKey and the store
- * commit, so nothing was ever wrapped by them.  Also destroy the objects
- * of versions the store marks destroyed: a retire commits "destroyed"
- * first and destroys the object second, so a crash in between leaves an
- * object no DEK refers to.  Single-node only: with several nodes another
- * node may be between those two steps (see docs/operations.md). */
+static void id_hex(const unsigned char *id, char out[2 * KMS_TOKEN_ID_LEN + 1])
+{
+    static const char digits[] = "0123456789abcdef";
+
+    for (size_t i = 0; i < KMS_TOKEN_ID_LEN; i++) {
+        out[2 * i] = digits[id[i] >> 4];
+        out[2 * i + 1] = digits[id[i] & 0xf];
+    }
+    out[2 * KMS_TOKEN_ID_LEN] = '\0';
+}
+
+static const kms_kek_intent *intent_find(const unsigned char *id, const kms_kek_intent *list,
+                                         size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (memcmp(list[i].token_id, id, KMS_TOKEN_ID_LEN) == 0)
+            return &list[i];
+    return NULL;
+}
+
+/* Reconcile the "p11kms:" KEK objects of the token with the store.
+ * Destroyed:
+ *  - the objects of versions the store marks destroyed: a retire commits
+ *    "destroyed" first and destroys the object second, so a crash in
+ *    between leaves an object no DEK refers to;
+ *  - the objects whose CKA_ID has a creation intent older than the grace
+ *    period and no version row: a crash (or a failed commit) between
+ *    C_GenerateKey and the store commit, so nothing was ever wrapped by
+ *    them.  The grace keeps another node's creation in flight safe.
+ * Such intents, and stale intents whose object is gone (or whose version
+ * was recorded), are deleted.  Any other object the store does not know
+ * is kept and logged: after a restore of an older backup it may hold the
+ * KEK of newer data, and another deployment may share the token. */
 static p11kms_status reconcile_orphans(kms_core *core)
 {
     p11kms_status rv;
     unsigned char (*token_ids)[P11_KEK_ID_LEN] = NULL;
     unsigned char (*store_ids)[KMS_TOKEN_ID_LEN] = NULL;
     unsigned char (*dead_ids)[KMS_TOKEN_ID_LEN] = NULL;
-    size_t n_token = 0, n_store = 0, n_dead = 0;
+    kms_kek_intent *intents = NULL;
+    size_t n_token = 0, n_store = 0, n_dead = 0, n_intents = 0;
+    int64_t cutoff = (int64_t)time(NULL) - core->intent_grace;
+    char label[256], hex[2 * KMS_TOKEN_ID_LEN + 1];
     CK_RV crv;
 
     crv = p11_kek_list(core->token, KMS_KEK_LABEL_PREFIX, &token_ids, &n_token);
@@ -186,26 +229,70 @@ static p11kms_status reconcile_orphans(kms_core *core)
     rv = kms_store_token_ids_destroyed(core->store, &dead_ids, &n_dead);
     if (rv != P11KMS_OK)
         goto out;
+    rv = kms_store_kek_intents(core->store, INT64_MAX, &intents, &n_intents);
+    if (rv != P11KMS_OK)
+        goto out;
     for (size_t i = 0; i < n_token; i++) {
         int retired = id_in_list(token_ids[i], dead_ids, n_dead);
+        const kms_kek_intent *in = intent_find(token_ids[i], intents, n_intents);
 
         if (!retired && id_in_list(token_ids[i], store_ids, n_store))
             continue;
+        if (!retired && in != NULL && in->created > cutoff) {
+            LOG_INFO("core", "KEK object of key %s version %u kept: its creation is in progress "
+                             "(intent %lld s old)",
+                     in->key_name, in->version, (long long)(time(NULL) - in->created));
+            continue;
+        }
+        if (!retired && in == NULL) {
+            id_hex(token_ids[i], hex);
+            if (p11_kek_label(core->token, token_ids[i], label, sizeof(label)) != CKR_OK)
+                snprintf(label, sizeof(label), "(label unreadable)");
+            LOG_WARN("core", "unknown KEK object %s kept: not referenced by this store (restored "
+                             "backup? another deployment?) (CKA_ID %s)",
+                     label, hex);
+            continue;
+        }
         crv = p11_kek_destroy(core->token, token_ids[i]);
         if (crv == CKR_OK && retired)
             LOG_WARN("core", "destroyed the KEK object of a retired key version (an interrupted "
                              "retire is now finished)");
         else if (crv == CKR_OK)
-            LOG_WARN("core", "destroyed an orphan KEK object left by an interrupted key "
-                             "creation or rotation");
+            LOG_WARN("core", "destroyed an orphan KEK object of key %s version %u left by an "
+                             "interrupted key creation or rotation",
+                     in->key_name, in->version);
         else
             LOG_ERROR("core", "cannot destroy an orphan KEK object: %s", p11_rv_name(crv));
+        if (crv != CKR_OK || retired)
+            continue;
+        rv = kms_store_kek_intent_remove(core->store, token_ids[i]);
+        if (rv != P11KMS_OK)
+            LOG_WARN("core", "cannot delete the creation intent of key %s version %u: %s",
+                     in->key_name, in->version, p11kms_status_code(rv));
+    }
+    /* Old intents whose object does not exist (the creation failed, or
+     * its clean-up destroyed the object but not the intent), or whose
+     * version the store already records. */
+    for (size_t i = 0; i < n_intents; i++) {
+        int present = 0;
+
+        if (intents[i].created > cutoff)
+            continue;
+        for (size_t k = 0; k < n_token && !present; k++)
+            present = memcmp(token_ids[k], intents[i].token_id, KMS_TOKEN_ID_LEN) == 0;
+        if (present && !id_in_list(intents[i].token_id, store_ids, n_store))
+            continue; /* handled above (destroyed, or its destroy failed: kept for next time) */
+        rv = kms_store_kek_intent_remove(core->store, intents[i].token_id);
+        if (rv != P11KMS_OK)
+            LOG_WARN("core", "cannot delete a stale creation intent of key %s version %u: %s",
+                     intents[i].key_name, intents[i].version, p11kms_status_code(rv));
     }
     rv = P11KMS_OK;
 out:
     free(token_ids);
     free(store_ids);
     free(dead_ids);
+    free(intents);
     return rv;
 }
 
@@ -228,7 +315,11 @@ p11kms_status kms_core_new_ex(p11_ctx *token, kms_store *store, const kms_core_o
         o.max_wraps_per_version = KMS_MAX_WRAPS_DEFAULT;
     if (o.rewrap_threads == 0)
         o.rewrap_threads = KMS_REWRAP_THREADS_DEFAULT;
-    if (token == NULL || store == NULL || out == NULL ||
+    if (o.intent_grace == 0)
+        o.intent_grace = KMS_INTENT_GRACE_DEFAULT;
+    else if (o.intent_grace == KMS_INTENT_GRACE_NONE)
+        o.intent_grace = 0;
+    if (token == NULL || store == NULL || out == NULL || o.intent_grace < 0 ||
         o.max_wraps_per_version > KMS_MAX_WRAPS_DEFAULT ||
         o.rewrap_threads > KMS_REWRAP_THREADS_MAX)
         goto out;
@@ -240,6 +331,7 @@ p11kms_status kms_core_new_ex(p11_ctx *token, kms_store *store, const kms_core_o
     core->store = store;
     core->max_wraps = o.max_wraps_per_version;
     core->rewrap_threads = o.rewrap_threads;
+    core->intent_grace = o.intent_grace;
     rv = P11KMS_ERR_INTERNAL;
     if (pthread_mutex_init(&core->rotate_mu, NULL) != 0)
         goto out;

@@ -6,9 +6,12 @@
  * generates and wraps DEKs inside the token, and converts CK_RV into
  * p11kms_status exactly once (keeping the CKR_* name for the log).
  *
- * Ordering rules that make crashes safe: a KEK object exists in the token
- * before the store refers to it (orphans are destroyed at start by
- * kms_core_new); a DEK is returned only after its store row is durable.
+ * Ordering rules that make crashes safe: a durable creation intent names
+ * a KEK object's CKA_ID before the object is generated, and the object
+ * exists in the token before the store refers to it (the store write that
+ * records it deletes the intent; objects of stale intents are destroyed
+ * at start by kms_core_new, unknown objects are kept); a DEK is returned
+ * only after its store row is durable.
  *
  * Thread-safe: one kms_core is shared by every worker thread.
  */
@@ -52,7 +55,16 @@ typedef struct kms_core_options {
     uint64_t max_wraps_per_version;
     /* Threads that share the token work of one rewrap batch (0 = 4). */
     unsigned rewrap_threads;
+    /* Seconds a KEK creation intent must have existed before start-up
+     * reconciliation destroys its object (another node may still be
+     * between C_GenerateKey and its store commit).  0 =
+     * KMS_INTENT_GRACE_DEFAULT; KMS_INTENT_GRACE_NONE = no grace at all
+     * (tests only). */
+    int64_t intent_grace;
 } kms_core_options;
+
+#define KMS_INTENT_GRACE_DEFAULT 60
+#define KMS_INTENT_GRACE_NONE (-1)
 
 /* Test hooks: set only by tests (kms_core_set_test_hooks); NULL members
  * are not called. */
@@ -66,12 +78,16 @@ typedef struct kms_core_test_hooks {
 } kms_core_test_hooks;
 
 /* Create the core over an open token and store (both stay owned by the
- * caller and must outlive the core), and reconcile KEK objects:
- * token objects labelled "p11kms:" that the store does not refer to are
- * destroyed (they are left over from a crash between C_GenerateKey and
- * the store commit; no DEK was ever wrapped by them), and so are the
- * objects of versions the store has marked destroyed (a retire
- * interrupted between its store commit and C_DestroyObject). */
+ * caller and must outlive the core), and reconcile KEK objects labelled
+ * "p11kms:".  Destroyed: the objects of versions the store has marked
+ * destroyed (a retire interrupted between its store commit and
+ * C_DestroyObject), and the objects whose CKA_ID has a creation intent
+ * older than the grace period and no version row (a crash between
+ * C_GenerateKey and the store commit; no DEK was ever wrapped by them);
+ * those intents, and intents whose object does not exist, are deleted.
+ * Every other object the store does not know is KEPT and logged once
+ * (warn): it may belong to newer data than this store holds (a restored
+ * older backup) or to another deployment sharing the token. */
 p11kms_status kms_core_new(p11_ctx *token, kms_store *store, kms_core **out);
 
 /* The same with options (NULL: defaults).  P11KMS_ERR_BAD_REQUEST when an
@@ -114,8 +130,8 @@ p11kms_status kms_status_counts(kms_core *core, kms_store_counts *out);
  * label "p11kms:<name>:v<n>"), then record it as the latest version in one
  * store write.  A concurrent rotation that wins the store's
  * compare-and-set makes this one destroy its fresh object and try again
- * (a few times).  A crash between the two steps leaves an orphan object,
- * destroyed at the next start.  Allowed on a disabled key.
+ * (a few times).  A crash between the two steps leaves an orphan object
+ * with a creation intent, destroyed at a later start.  Allowed on a disabled key.
  * P11KMS_ERR_KEY_NOT_FOUND, P11KMS_ERR_BAD_REQUEST (name). */
 p11kms_status kms_key_rotate(kms_core *core, const char *name, kms_key_rec **out);
 

@@ -12,6 +12,25 @@ const kms_version_rec *kms_key_find_version(const kms_key_rec *key, uint32_t ver
 /* Write the CKA_LABEL of a key version: "p11kms:<name>:v<version>". */
 void kms_kek_label(const char *name, uint32_t version, char *out, size_t len);
 
+/* Create the token object of version `version` of key `name` behind a
+ * creation intent: draw a random CKA_ID into id, record the intent
+ * (durable), then generate the object with that id.  On failure nothing
+ * is left behind (or, if even the clean-up fails, an intent that the next
+ * start reconciles).  The caller's store write that records the version
+ * deletes the intent; if that write fails or does not happen, the caller
+ * calls kms_kek_abandon. */
+p11kms_status kms_kek_begin(kms_core *core, const char *name, uint32_t version,
+                            unsigned char id[KMS_TOKEN_ID_LEN]);
+
+/* Best effort: destroy the object of a creation that will not be
+ * recorded, then delete its intent.  When the object cannot be destroyed
+ * the intent stays, so the next start destroys the object. */
+void kms_kek_abandon(kms_core *core, const unsigned char id[KMS_TOKEN_ID_LEN], const char *name,
+                     uint32_t version);
+
+/* Grace period of creation intents at start (kms_core_options). */
+int64_t kms_core_intent_grace(const kms_core *core);
+
 /* A time-ordered (version 7: ms timestamp + 74 random bits) UUID in
  * canonical lowercase text form. */
 p11kms_status kms_uuid_new(char out[KMS_DEK_ID_LEN + 1]);

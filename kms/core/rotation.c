@@ -4,12 +4,14 @@
  * of rotation periods (core.h).
  *
  * Crash-safe orders:
- *  - rotate: the token object first, the store row second (one write that
- *    inserts the version and moves latest_version by compare-and-set), so
- *    the store never refers to a missing object; a crash in between leaves
- *    an orphan that kms_core_new destroys at the next start.  When the
- *    compare-and-set loses (another worker or node rotated first) the
- *    fresh object is destroyed at once.
+ *  - rotate: a creation intent for the new CKA_ID first (durable), the
+ *    token object second, the store row third (one write that inserts the
+ *    version, moves latest_version by compare-and-set and deletes the
+ *    intent), so the store never refers to a missing object; a crash
+ *    after the object leaves an orphan with an intent, which kms_core_new
+ *    destroys at a start once the intent is older than the grace period.
+ *    When the compare-and-set loses (another worker or node rotated
+ *    first) the fresh object is destroyed and its intent deleted at once.
  *  - retire: the store first (the version is marked destroyed in a
  *    transaction that re-checks "not the latest, no live DEK"), the token
  *    object second, so no DEK can ever refer to a destroyed object; a
@@ -38,10 +40,8 @@ p11kms_status kms_key_rotate_from(kms_core *core, const char *name, uint32_t exp
     kms_audit_entry own;
     kms_key_rec *k = NULL;
     unsigned char id[P11_KEK_ID_LEN];
-    char label[KMS_NAME_MAX + 32];
     uint32_t next = 0, added = 0;
     int created_object = 0;
-    CK_RV crv;
 
     *rotated = 0;
     if (audit == NULL) {
@@ -61,12 +61,9 @@ p11kms_status kms_key_rotate_from(kms_core *core, const char *name, uint32_t exp
         goto out;
     }
     next = expected_latest + 1;
-    kms_kek_label(name, next, label, sizeof(label));
-    crv = p11_kek_create(kms_core_token(core), label, id);
-    if (crv != CKR_OK) {
-        rv = kms_status_from_rv(crv);
+    rv = kms_kek_begin(core, name, next, id);
+    if (rv != P11KMS_OK)
         goto out;
-    }
     created_object = 1;
     if (hooks->rotate_object_created != NULL)
         hooks->rotate_object_created(hooks->arg, name, next);
@@ -79,14 +76,8 @@ p11kms_status kms_key_rotate_from(kms_core *core, const char *name, uint32_t exp
     *rotated = added;
     LOG_INFO("core", "rotated key %s to version %u", name, added);
 out:
-    if (created_object) {
-        crv = p11_kek_destroy(kms_core_token(core), id);
-        if (crv != CKR_OK)
-            LOG_ERROR("core",
-                      "cannot destroy the unused KEK object of key %s version %u: %s "
-                      "(it is reconciled at the next start)",
-                      name, next, p11_rv_name(crv));
-    }
+    if (created_object)
+        kms_kek_abandon(core, id, name, next);
     kms_core_rotate_unlock(core);
     kms_key_rec_free(k);
     return rv;

@@ -42,6 +42,14 @@
  *   audit_head    one row: (seq, hash) of the last sealed entry, written
  *                 in the same transaction (a deleted tail shows).
  *   audit_key     one row: the CKA_ID of the audit MAC key in the token.
+ *
+ * Version 4 (KEK creation intents):
+ *   kek_intents   one row per KEK object being created: its CKA_ID, key
+ *                 name, version and time, written durably before
+ *                 C_GenerateKey and deleted by the store write that records
+ *                 the version.  Start-up reconciliation destroys only the
+ *                 objects of old intents (and of destroyed versions); an
+ *                 unknown object without an intent is kept.
  */
 #include "kms/store/store_internal.h"
 
@@ -129,6 +137,13 @@ static const migration migrations[] = {
      "    token_id BLOB    NOT NULL CHECK (length(token_id) = 16),\n"
      "    created  INTEGER NOT NULL\n"
      ");\n"},
+    {4, "kek_intents: KEK objects being created",
+     "CREATE TABLE kek_intents (\n"
+     "    token_id BLOB    NOT NULL PRIMARY KEY CHECK (length(token_id) = 16),\n"
+     "    key_name TEXT    NOT NULL,\n"
+     "    version  INTEGER NOT NULL,\n"
+     "    created  INTEGER NOT NULL\n"
+     ") WITHOUT ROWID;\n"},
 };
 
 #define N_MIGRATIONS (sizeof(migrations) / sizeof(migrations[0]))

@@ -22,7 +22,8 @@
  * binary is refused.  Never edit a released migration: add the next one.
  *
  * Version 3 (issue 5) adds the audit log tables (audit, audit_head,
- * audit_key; see migrations.c).
+ * audit_key; see migrations.c).  Version 4 adds kek_intents (KEK objects
+ * being created; see migrations.c).
  *
  * No state, no locks of its own: called on its own connection at open,
  * before the writer thread starts.
@@ -121,6 +122,13 @@ static const pg_migration pg_migrations[] = {
      "CREATE TABLE audit_key (\n"
      "    id       INTEGER PRIMARY KEY CHECK (id = 1),\n"
      "    token_id BYTEA   NOT NULL CHECK (length(token_id) = 16),\n"
+     "    created  BIGINT  NOT NULL\n"
+     ");\n"},
+    {4, "kek_intents: KEK objects being created",
+     "CREATE TABLE kek_intents (\n"
+     "    token_id BYTEA   NOT NULL PRIMARY KEY CHECK (length(token_id) = 16),\n"
+     "    key_name TEXT    COLLATE \"C\" NOT NULL,\n"
+     "    version  BIGINT  NOT NULL,\n"
      "    created  BIGINT  NOT NULL\n"
      ");\n"},
 };

@@ -106,6 +106,8 @@ enum {
     W_AUDIT_HEAD_SET,
     W_AUDIT_KEY_GET,
     W_AUDIT_KEY_PUT,
+    W_INTENT_ADD,
+    W_INTENT_DEL,
     W_COUNT
 };
 
@@ -176,6 +178,12 @@ static const char *const writer_sql[W_COUNT] = {
     [W_AUDIT_KEY_GET] = "SELECT token_id FROM audit_key WHERE id = 1",
     [W_AUDIT_KEY_PUT] = "INSERT INTO audit_key (id, token_id, created) "
                         "VALUES (1, $1::bytea, $2::bigint)",
+    /* KEK creation intents. */
+    [W_INTENT_ADD] = "INSERT INTO kek_intents (token_id, key_name, version, created) "
+                     "VALUES ($1::bytea, $2::text, $3::bigint, $4::bigint) "
+                     "ON CONFLICT (token_id) DO UPDATE SET key_name = excluded.key_name, "
+                     "version = excluded.version, created = excluded.created",
+    [W_INTENT_DEL] = "DELETE FROM kek_intents WHERE token_id = $1::bytea",
 };
 
 #define PG_KEY_COLUMNS                                                                             \
@@ -207,6 +215,7 @@ enum {
     R_AUDIT_LIST,
     R_AUDIT_HEAD,
     R_COUNTS,
+    R_INTENTS,
     R_COUNT
 };
 
@@ -253,6 +262,8 @@ static const char *const reader_sql[R_COUNT] = {
                  "count(*) FILTER (WHERE state = 'active'), "
                  "count(*) FILTER (WHERE state = 'revoked'), "
                  "count(*) FILTER (WHERE state = 'destroyed') FROM deks",
+    [R_INTENTS] = "SELECT token_id, key_name, version, created FROM kek_intents "
+                  "WHERE created <= $1::bigint ORDER BY created, token_id",
 };
 
 /* Session settings every connection runs after (re)connecting. */
@@ -674,6 +685,43 @@ static void pg_gc_rollback(void *ctx)
     w_exec(s, "ROLLBACK");
 }
 
+/* Delete the intent of token_id (inside the writer's transaction). */
+static p11kms_status intent_delete(pg_store *s, const unsigned char *token_id)
+{
+    p11kms_status rv;
+    pg_params p = {0};
+    PGresult *r = NULL;
+
+    p_bytes(&p, token_id, KMS_TOKEN_ID_LEN);
+    rv = w_run(s, W_INTENT_DEL, &p, &r, "deleting a KEK intent");
+    if (rv == P11KMS_ERR_BAD_REQUEST)
+        rv = P11KMS_ERR_INTERNAL;
+    PQclear(r);
+    return rv;
+}
+
+static p11kms_status apply_intent(pg_store *s, const kms_write *w)
+{
+    p11kms_status rv;
+    pg_params p = {0};
+    PGresult *r = NULL;
+
+    if (w->type == KMS_WRITE_INTENT_REMOVE) {
+        rv = intent_delete(s, w->u.intent.token_id);
+        goto out;
+    }
+    p_bytes(&p, w->u.intent.token_id, KMS_TOKEN_ID_LEN);
+    p_text(&p, w->u.intent.key_name);
+    p_int(&p, w->u.intent.version);
+    p_int(&p, w->u.intent.now);
+    rv = w_run(s, W_INTENT_ADD, &p, &r, "recording a KEK intent");
+    if (rv == P11KMS_ERR_BAD_REQUEST)
+        LOG_ERROR("store", "KEK intent refused: %s", pg_primary(r));
+out:
+    PQclear(r);
+    return rv;
+}
+
 static p11kms_status apply_key_create(pg_store *s, const kms_write *w)
 {
     p11kms_status rv;
@@ -705,6 +753,8 @@ static p11kms_status apply_key_create(pg_store *s, const kms_write *w)
         LOG_ERROR("store", "key version refused: %s", pg_primary(r));
         rv = P11KMS_ERR_INTERNAL;
     }
+    if (rv == P11KMS_OK)
+        rv = intent_delete(s, w->u.key_create.token_id);
 out:
     PQclear(r);
     return rv;
@@ -914,6 +964,9 @@ static p11kms_status apply_version_add(pg_store *s, kms_write *w)
         rv = P11KMS_ERR_INTERNAL; /* read and locked just above */
         goto out;
     }
+    rv = intent_delete(s, w->u.version_add.token_id);
+    if (rv != P11KMS_OK)
+        goto out;
     w->u.version_add.added = next;
 out:
     PQclear(r);
@@ -1115,6 +1168,8 @@ static p11kms_status apply_one(pg_store *s, kms_write *w)
     case KMS_WRITE_KEY_CONFIG: rv = apply_key_meta(s, w); break;
     case KMS_WRITE_REWRAP: rv = apply_rewrap(s, w); break;
     case KMS_WRITE_VERSION_RETIRE: rv = apply_version_retire(s, w); break;
+    case KMS_WRITE_INTENT_ADD:
+    case KMS_WRITE_INTENT_REMOVE: rv = apply_intent(s, w); break;
     default:
         LOG_ERROR("store", "postgres: write type %d is not implemented", (int)w->type);
         rv = P11KMS_ERR_INTERNAL;
@@ -1976,7 +2031,71 @@ out:
     return rv;
 }
 
+static p11kms_status pg_kek_intents(kms_store *st, int64_t older_than, kms_kek_intent **list,
+                                    size_t *count)
+{
+    pg_store *s = pg_of(st);
+    pg_conn *c = reader_get(s);
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    kms_kek_intent *arr = NULL;
+    pg_params p = {0};
+    PGresult *r;
+    int rows;
+
+    p_int(&p, older_than);
+    r = read_rows(s, c, R_INTENTS, &p);
+    if (r == NULL)
+        goto out;
+    rows = PQntuples(r);
+    rv = P11KMS_ERR_NO_MEMORY;
+    arr = calloc(rows > 0 ? (size_t)rows : 1, sizeof(*arr));
+    if (arr == NULL)
+        goto out;
+    for (int i = 0; i < rows; i++) {
+        if (v_bytes(r, i, 0, arr[i].token_id, KMS_TOKEN_ID_LEN) != KMS_TOKEN_ID_LEN) {
+            LOG_ERROR("store", "a kek_intents row has a malformed token_id");
+            rv = P11KMS_ERR_INTERNAL;
+            goto out;
+        }
+        text_copy(arr[i].key_name, sizeof(arr[i].key_name), PQgetvalue(r, i, 1));
+        arr[i].version = (uint32_t)v_int(r, i, 2);
+        arr[i].created = v_int(r, i, 3);
+    }
+    *list = rows > 0 ? arr : NULL;
+    *count = (size_t)rows;
+    if (rows > 0)
+        arr = NULL;
+    rv = P11KMS_OK;
+out:
+    PQclear(r);
+    reader_put(s, c);
+    free(arr);
+    return rv;
+}
+
 /* ---- writes ------------------------------------------------------------- */
+
+static p11kms_status pg_kek_intent_add(kms_store *st,
+                                       const unsigned char token_id[KMS_TOKEN_ID_LEN],
+                                       const char *key_name, uint32_t version, int64_t now)
+{
+    kms_write w = {.type = KMS_WRITE_INTENT_ADD};
+
+    w.u.intent.token_id = token_id;
+    w.u.intent.key_name = key_name;
+    w.u.intent.version = version;
+    w.u.intent.now = now;
+    return kms_gc_submit(pg_of(st)->gc, &w);
+}
+
+static p11kms_status pg_kek_intent_remove(kms_store *st,
+                                          const unsigned char token_id[KMS_TOKEN_ID_LEN])
+{
+    kms_write w = {.type = KMS_WRITE_INTENT_REMOVE};
+
+    w.u.intent.token_id = token_id;
+    return kms_gc_submit(pg_of(st)->gc, &w);
+}
 
 static p11kms_status pg_key_create(kms_store *st, const char *name,
                                    const unsigned char token_id[KMS_TOKEN_ID_LEN], int64_t now)
@@ -2245,6 +2364,9 @@ static const kms_store_ops pg_ops = {
     .rewrap_commit = pg_rewrap_commit,
     .version_retire = pg_version_retire,
     .rotation_due = pg_rotation_due,
+    .kek_intent_add = pg_kek_intent_add,
+    .kek_intents = pg_kek_intents,
+    .kek_intent_remove = pg_kek_intent_remove,
     .writer = pg_writer,
     .audit_list = pg_audit_list,
     .audit_head = pg_audit_head,

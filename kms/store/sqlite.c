@@ -44,6 +44,10 @@
  * transaction that marks it destroyed; a DEK insert counts its wrap only
  * on an active version below the wrap cap.
  *
+ * KEK creation intents (kek_intents): written and deleted through the
+ * writer like every write; the key-create and version-add writes delete
+ * the intent of their token_id in their own transaction.
+ *
  * Locking: pool_mu guards the reader free list; writer_failed and the
  * checkpoint counters are atomic; wipe_pending and wipe_new are the
  * writer thread's own.  Nothing else is shared and mutable after open.
@@ -106,6 +110,8 @@ enum {
     W_AUDIT_HEAD_SET,
     W_AUDIT_KEY_GET,
     W_AUDIT_KEY_PUT,
+    W_INTENT_ADD,
+    W_INTENT_DEL,
     W_COUNT
 };
 
@@ -174,6 +180,10 @@ static const char *const writer_sql[W_COUNT] = {
                          "ON CONFLICT (id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash",
     [W_AUDIT_KEY_GET] = "SELECT token_id FROM audit_key WHERE id = 1",
     [W_AUDIT_KEY_PUT] = "INSERT INTO audit_key (id, token_id, created) VALUES (1, ?1, ?2)",
+    /* KEK creation intents. */
+    [W_INTENT_ADD] = "INSERT OR REPLACE INTO kek_intents (token_id, key_name, version, created) "
+                     "VALUES (?1, ?2, ?3, ?4)",
+    [W_INTENT_DEL] = "DELETE FROM kek_intents WHERE token_id = ?1",
 };
 
 /* Key rows joined with their versions and live DEK counts (one statement:
@@ -209,6 +219,7 @@ enum {
     R_AUDIT_LIST,
     R_AUDIT_HEAD,
     R_COUNTS,
+    R_INTENTS,
     R_COUNT
 };
 
@@ -258,6 +269,8 @@ static const char *const reader_sql[R_COUNT] = {
     [R_COUNTS] = "SELECT (SELECT count(*) FROM keys), "
                  "coalesce(sum(state = 'active'), 0), coalesce(sum(state = 'revoked'), 0), "
                  "coalesce(sum(state = 'destroyed'), 0) FROM deks",
+    [R_INTENTS] = "SELECT token_id, key_name, version, created FROM kek_intents "
+                  "WHERE created <= ?1 ORDER BY created, token_id",
 };
 
 /* ---- types -------------------------------------------------------------- */
@@ -631,6 +644,48 @@ static void sq_gc_rollback(void *ctx)
         SQ_FAIL(s->writer.db, rc, "ROLLBACK");
 }
 
+/* Delete the intent of token_id (inside the writer's transaction). */
+static p11kms_status intent_delete(sq_store *s, const unsigned char *token_id)
+{
+    sqlite3_stmt *del = s->writer.stmt[W_INTENT_DEL];
+    int rc;
+
+    sqlite3_bind_blob(del, 1, token_id, KMS_TOKEN_ID_LEN, SQLITE_STATIC);
+    rc = step_done(del);
+    if (rc != SQLITE_DONE)
+        return SQ_FAIL(s->writer.db, rc, "deleting a KEK intent");
+    return P11KMS_OK;
+}
+
+static p11kms_status apply_intent(sq_store *s, const kms_write *w)
+{
+    sqlite3_stmt *ins = s->writer.stmt[W_INTENT_ADD];
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    int rc;
+
+    if (w->type == KMS_WRITE_INTENT_REMOVE) {
+        rv = intent_delete(s, w->u.intent.token_id);
+        goto out;
+    }
+    sqlite3_bind_blob(ins, 1, w->u.intent.token_id, KMS_TOKEN_ID_LEN, SQLITE_STATIC);
+    sqlite3_bind_text(ins, 2, w->u.intent.key_name, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(ins, 3, w->u.intent.version);
+    sqlite3_bind_int64(ins, 4, w->u.intent.now);
+    rc = step_done(ins);
+    if (is_constraint(rc)) {
+        LOG_ERROR("store", "KEK intent refused: %s", sqlite3_errmsg(s->writer.db));
+        rv = P11KMS_ERR_BAD_REQUEST;
+        goto out;
+    }
+    if (rc != SQLITE_DONE) {
+        rv = SQ_FAIL(s->writer.db, rc, "recording a KEK intent");
+        goto out;
+    }
+    rv = P11KMS_OK;
+out:
+    return rv;
+}
+
 static p11kms_status apply_key_create(sq_store *s, const kms_write *w)
 {
     sqlite3 *db = s->writer.db;
@@ -671,7 +726,7 @@ static p11kms_status apply_key_create(sq_store *s, const kms_write *w)
         rv = SQ_FAIL(db, rc, "inserting a key version");
         goto out;
     }
-    rv = P11KMS_OK;
+    rv = intent_delete(s, w->u.key_create.token_id);
 out:
     return rv;
 }
@@ -926,6 +981,9 @@ static p11kms_status apply_version_add(sq_store *s, kms_write *w)
         rv = P11KMS_ERR_INTERNAL; /* read just above in this transaction */
         goto out;
     }
+    rv = intent_delete(s, w->u.version_add.token_id);
+    if (rv != P11KMS_OK)
+        goto out;
     w->u.version_add.added = next;
 out:
     return rv;
@@ -1126,6 +1184,8 @@ static p11kms_status sq_gc_apply(void *ctx, kms_write *w)
     case KMS_WRITE_KEY_CONFIG: rv = apply_key_meta(s, w); break;
     case KMS_WRITE_REWRAP: rv = apply_rewrap(s, w); break;
     case KMS_WRITE_VERSION_RETIRE: rv = apply_version_retire(s, w); break;
+    case KMS_WRITE_INTENT_ADD:
+    case KMS_WRITE_INTENT_REMOVE: rv = apply_intent(s, w); break;
     default: rv = P11KMS_ERR_INTERNAL; break;
     }
     if (rv == P11KMS_ERR_STORE_UNAVAILABLE)
@@ -1831,7 +1891,77 @@ out:
     return rv;
 }
 
+static p11kms_status sq_kek_intents(kms_store *st, int64_t older_than, kms_kek_intent **list,
+                                    size_t *count)
+{
+    sq_store *s = sq_of(st);
+    sq_conn *c = reader_get(s);
+    sqlite3_stmt *q = c->stmt[R_INTENTS];
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    kms_kek_intent *arr = NULL, *grown;
+    size_t n = 0, cap = 0;
+    int rc;
+
+    sqlite3_bind_int64(q, 1, older_than);
+    while ((rc = sqlite3_step(q)) == SQLITE_ROW) {
+        if (sqlite3_column_bytes(q, 0) != KMS_TOKEN_ID_LEN) {
+            LOG_ERROR("store", "a kek_intents row has a malformed token_id");
+            rv = P11KMS_ERR_INTERNAL;
+            goto out;
+        }
+        if (n == cap) {
+            cap = cap ? cap * 2 : 8;
+            grown = realloc(arr, cap * sizeof(*arr));
+            if (grown == NULL) {
+                rv = P11KMS_ERR_NO_MEMORY;
+                goto out;
+            }
+            arr = grown;
+        }
+        memset(&arr[n], 0, sizeof(arr[n]));
+        memcpy(arr[n].token_id, sqlite3_column_blob(q, 0), KMS_TOKEN_ID_LEN);
+        text_copy(arr[n].key_name, sizeof(arr[n].key_name), sqlite3_column_text(q, 1));
+        arr[n].version = (uint32_t)sqlite3_column_int64(q, 2);
+        arr[n].created = sqlite3_column_int64(q, 3);
+        n++;
+    }
+    if (rc != SQLITE_DONE) {
+        SQ_FAIL(c->db, rc, "reading KEK intents");
+        goto out;
+    }
+    *list = arr;
+    *count = n;
+    arr = NULL;
+    rv = P11KMS_OK;
+out:
+    reader_put(s, c);
+    free(arr);
+    return rv;
+}
+
 /* ---- writes ------------------------------------------------------------- */
+
+static p11kms_status sq_kek_intent_add(kms_store *st,
+                                       const unsigned char token_id[KMS_TOKEN_ID_LEN],
+                                       const char *key_name, uint32_t version, int64_t now)
+{
+    kms_write w = {.type = KMS_WRITE_INTENT_ADD};
+
+    w.u.intent.token_id = token_id;
+    w.u.intent.key_name = key_name;
+    w.u.intent.version = version;
+    w.u.intent.now = now;
+    return kms_gc_submit(sq_of(st)->gc, &w);
+}
+
+static p11kms_status sq_kek_intent_remove(kms_store *st,
+                                          const unsigned char token_id[KMS_TOKEN_ID_LEN])
+{
+    kms_write w = {.type = KMS_WRITE_INTENT_REMOVE};
+
+    w.u.intent.token_id = token_id;
+    return kms_gc_submit(sq_of(st)->gc, &w);
+}
 
 static p11kms_status sq_key_create(kms_store *st, const char *name,
                                    const unsigned char token_id[KMS_TOKEN_ID_LEN], int64_t now)
@@ -2094,6 +2224,9 @@ static const kms_store_ops sq_ops = {
     .rewrap_commit = sq_rewrap_commit,
     .version_retire = sq_version_retire,
     .rotation_due = sq_rotation_due,
+    .kek_intent_add = sq_kek_intent_add,
+    .kek_intents = sq_kek_intents,
+    .kek_intent_remove = sq_kek_intent_remove,
     .stats = sq_stats,
     .writer = sq_writer,
     .audit_list = sq_audit_list,

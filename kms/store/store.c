@@ -230,6 +230,34 @@ p11kms_status kms_store_token_ids_destroyed(kms_store *st,
     return st->ops->token_ids(st, 1, ids, count);
 }
 
+/* ---- KEK creation intents ---- */
+
+p11kms_status kms_store_kek_intent_add(kms_store *st, const unsigned char token_id[KMS_TOKEN_ID_LEN],
+                                       const char *key_name, uint32_t version, int64_t now)
+{
+    if (st == NULL || token_id == NULL || !name_ok(key_name) || version == 0)
+        return P11KMS_ERR_BAD_REQUEST;
+    return st->ops->kek_intent_add(st, token_id, key_name, version, now);
+}
+
+p11kms_status kms_store_kek_intents(kms_store *st, int64_t older_than, kms_kek_intent **list,
+                                    size_t *count)
+{
+    if (st == NULL || list == NULL || count == NULL)
+        return P11KMS_ERR_BAD_REQUEST;
+    *list = NULL;
+    *count = 0;
+    return st->ops->kek_intents(st, older_than, list, count);
+}
+
+p11kms_status kms_store_kek_intent_remove(kms_store *st,
+                                          const unsigned char token_id[KMS_TOKEN_ID_LEN])
+{
+    if (st == NULL || token_id == NULL)
+        return P11KMS_ERR_BAD_REQUEST;
+    return st->ops->kek_intent_remove(st, token_id);
+}
+
 /* ---- key rotation ---- */
 
 p11kms_status kms_store_version_add(kms_store *st, const char *name, uint32_t expected_latest,

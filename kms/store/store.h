@@ -303,6 +303,40 @@ p11kms_status kms_store_token_ids(kms_store *st,
                                   unsigned char (**ids)[KMS_TOKEN_ID_LEN],
                                   size_t *count);
 
+/* ---- KEK creation intents ------------------------------------------------
+ *
+ * Before a KEK object is generated in the token, the core records an
+ * intent (its CKA_ID, key name, version, time) durably; the store write
+ * that records the version (kms_store_key_create*, kms_store_version_add*)
+ * deletes the matching intent in the same transaction.  So a "p11kms:"
+ * object whose CKA_ID has an intent and no version row was left by an
+ * interrupted creation, and start-up reconciliation may destroy it once
+ * the intent is old enough that no node can still be creating it; an
+ * object with neither is not this store's (a restored older backup,
+ * another deployment) and is kept. */
+
+typedef struct kms_kek_intent {
+    unsigned char token_id[KMS_TOKEN_ID_LEN];
+    char key_name[KMS_NAME_MAX + 1];
+    uint32_t version;
+    int64_t created;
+} kms_kek_intent;
+
+/* Record an intent; durable before it returns (group-commit writer).
+ * Adding the same token_id again replaces the row.
+ * P11KMS_ERR_BAD_REQUEST (arguments), P11KMS_ERR_STORE_UNAVAILABLE. */
+p11kms_status kms_store_kek_intent_add(kms_store *st, const unsigned char token_id[KMS_TOKEN_ID_LEN],
+                                       const char *key_name, uint32_t version, int64_t now);
+
+/* The intents created at or before older_than (INT64_MAX: all), oldest
+ * first.  *list freed with free() (NULL when *count is 0). */
+p11kms_status kms_store_kek_intents(kms_store *st, int64_t older_than, kms_kek_intent **list,
+                                    size_t *count);
+
+/* Delete the intent of token_id (durable; P11KMS_OK when there is none). */
+p11kms_status kms_store_kek_intent_remove(kms_store *st,
+                                          const unsigned char token_id[KMS_TOKEN_ID_LEN]);
+
 /* ---- the audit log (issue 5) ---------------------------------------------
  *
  * One append-only table of entries, hash-chained in commit order:

@@ -76,6 +76,13 @@ typedef struct kms_store_ops {
                                     int64_t now);
     p11kms_status (*rotation_due)(kms_store *st, int64_t now, kms_rotation_due **out,
                                   size_t *count);
+    /* KEK creation intents: see kms_store_kek_intent_* in store.h */
+    p11kms_status (*kek_intent_add)(kms_store *st, const unsigned char token_id[KMS_TOKEN_ID_LEN],
+                                    const char *key_name, uint32_t version, int64_t now);
+    p11kms_status (*kek_intents)(kms_store *st, int64_t older_than, kms_kek_intent **list,
+                                 size_t *count);
+    p11kms_status (*kek_intent_remove)(kms_store *st,
+                                       const unsigned char token_id[KMS_TOKEN_ID_LEN]);
     void (*stats)(kms_store *st, kms_store_stats_ex *out);
     /* audit (issue 5): the backend's group-commit writer (audited writes
      * and audit-only appends are built in store.c and queued there), and
@@ -106,7 +113,9 @@ typedef enum kms_write_type {
     KMS_WRITE_KEY_CONFIG,     /* min_decrypt_version, rotation_period */
     KMS_WRITE_REWRAP,         /* a rewrap batch, each row only if unchanged */
     KMS_WRITE_VERSION_RETIRE, /* mark a version destroyed if no live DEK uses it */
-    KMS_WRITE_AUDIT_KEY       /* get or create the audit MAC key id (groupcommit.c) */
+    KMS_WRITE_AUDIT_KEY,      /* get or create the audit MAC key id (groupcommit.c) */
+    KMS_WRITE_INTENT_ADD,     /* record a KEK creation intent */
+    KMS_WRITE_INTENT_REMOVE   /* delete a KEK creation intent */
 } kms_write_type;
 
 /* One queued write.  Lives on the submitting thread's stack; every pointer
@@ -157,6 +166,12 @@ typedef struct kms_write {
             int64_t now;
             uint64_t count; /* out (bulk): DEKs changed */
         } dek_state;
+        struct {
+            const unsigned char *token_id; /* KMS_TOKEN_ID_LEN bytes */
+            const char *key_name;          /* INTENT_ADD only */
+            uint32_t version;              /* INTENT_ADD only */
+            int64_t now;                   /* INTENT_ADD only */
+        } intent;
         struct {
             kms_audit_key_create_fn create;
             void *arg;
