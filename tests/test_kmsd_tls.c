@@ -11,166 +11,33 @@
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
 #endif
-#include <arpa/inet.h>
 #include <check.h>
 #include <curl/curl.h>
 #include <jansson.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/socket.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include <openssl/err.h>
-#include <openssl/evp.h>
-#include <openssl/pem.h>
 #include <openssl/ssl.h>
-#include <openssl/x509v3.h>
 
 #include "support/kmsd_harness.h"
 #include "support/kmsd_test_util.h"
+#include "support/testpki.h"
 
 static kh_kmsd K;
 static int port;
 static char url_base[64];
 
-/* ---- a small PKI ---- */
-
-static long serial = 1;
-
-static void add_ext(X509 *x, X509V3_CTX *ctx, int nid, const char *value)
-{
-    X509_EXTENSION *ext = X509V3_EXT_conf_nid(NULL, ctx, nid, value);
-
-    ck_assert_ptr_nonnull(ext);
-    ck_assert_int_eq(X509_add_ext(x, ext, -1), 1);
-    X509_EXTENSION_free(ext);
-}
-
-enum kind { CA, SERVER, CLIENT };
-
-/* A certificate for key with CN cn (NULL: no CN, an O only), issued by
- * issuer/issuer_key (NULL: self-signed). */
-static X509 *make_cert(EVP_PKEY *key, const char *cn, X509 *issuer, EVP_PKEY *issuer_key,
-                       enum kind kind)
-{
-    X509 *x = X509_new();
-    X509_NAME *name;
-    X509V3_CTX ctx;
-
-    ck_assert_ptr_nonnull(x);
-    X509_set_version(x, 2);
-    ASN1_INTEGER_set(X509_get_serialNumber(x), serial++);
-    X509_gmtime_adj(X509_getm_notBefore(x), -3600);
-    X509_gmtime_adj(X509_getm_notAfter(x), 86400);
-    X509_set_pubkey(x, key);
-    name = X509_get_subject_name(x);
-    X509_NAME_add_entry_by_txt(name, "O", MBSTRING_UTF8, (const unsigned char *)"p11kms tests", -1,
-                               -1, 0);
-    if (cn != NULL)
-        X509_NAME_add_entry_by_txt(name, "CN", MBSTRING_UTF8, (const unsigned char *)cn, -1, -1, 0);
-    X509_set_issuer_name(x, issuer != NULL ? X509_get_subject_name(issuer) : name);
-    X509V3_set_ctx_nodb(&ctx);
-    X509V3_set_ctx(&ctx, issuer != NULL ? issuer : x, x, NULL, NULL, 0);
-    add_ext(x, &ctx, NID_subject_key_identifier, "hash");
-    if (kind == CA) {
-        add_ext(x, &ctx, NID_basic_constraints, "critical,CA:TRUE");
-        add_ext(x, &ctx, NID_key_usage, "critical,keyCertSign,cRLSign");
-    } else {
-        add_ext(x, &ctx, NID_basic_constraints, "critical,CA:FALSE");
-        add_ext(x, &ctx, NID_key_usage, "critical,digitalSignature");
-        add_ext(x, &ctx, NID_ext_key_usage, kind == SERVER ? "serverAuth" : "clientAuth");
-        add_ext(x, &ctx, NID_authority_key_identifier, "keyid:always");
-        if (kind == SERVER)
-            add_ext(x, &ctx, NID_subject_alt_name, "IP:127.0.0.1,DNS:localhost");
-    }
-    ck_assert_int_gt(X509_sign(x, issuer_key != NULL ? issuer_key : key, EVP_sha256()), 0);
-    return x;
-}
-
-static void write_pem(const char *name, X509 *x, EVP_PKEY *key)
-{
-    char path[400];
-    FILE *f;
-
-    snprintf(path, sizeof(path), "%s/%s.crt", K.dir, name);
-    f = fopen(path, "w");
-    ck_assert_ptr_nonnull(f);
-    ck_assert_int_eq(PEM_write_X509(f, x), 1);
-    fclose(f);
-    if (key == NULL)
-        return;
-    snprintf(path, sizeof(path), "%s/%s.key", K.dir, name);
-    f = fopen(path, "w");
-    ck_assert_ptr_nonnull(f);
-    ck_assert_int_eq(PEM_write_PrivateKey(f, key, NULL, NULL, 0, NULL, NULL), 1);
-    fclose(f);
-    ck_assert_int_eq(chmod(path, 0600), 0);
-}
-
-static void make_pki(void)
-{
-    EVP_PKEY *ca_key = EVP_PKEY_Q_keygen(NULL, NULL, "EC", "P-256");
-    EVP_PKEY *other_ca_key = EVP_PKEY_Q_keygen(NULL, NULL, "EC", "P-256");
-    EVP_PKEY *k;
-    X509 *ca, *other_ca, *x;
-    static const struct {
-        const char *file, *cn;
-        int other;
-        enum kind kind;
-    } leaves[] = {
-        {"server", "localhost", 0, SERVER}, {"app1", "app-1", 0, CLIENT},
-        {"ops", "ops-alice", 0, CLIENT},    {"nocn", NULL, 0, CLIENT},
-        {"rogue", "app-1", 1, CLIENT}, /* same CN, unrelated CA */
-    };
-
-    ck_assert_ptr_nonnull(ca_key);
-    ck_assert_ptr_nonnull(other_ca_key);
-    ca = make_cert(ca_key, "p11kms test CA", NULL, NULL, CA);
-    other_ca = make_cert(other_ca_key, "unrelated CA", NULL, NULL, CA);
-    write_pem("ca", ca, NULL);
-    write_pem("other-ca", other_ca, NULL);
-    for (size_t i = 0; i < sizeof(leaves) / sizeof(leaves[0]); i++) {
-        k = EVP_PKEY_Q_keygen(NULL, NULL, "EC", "P-256");
-        ck_assert_ptr_nonnull(k);
-        x = make_cert(k, leaves[i].cn, leaves[i].other ? other_ca : ca,
-                      leaves[i].other ? other_ca_key : ca_key, leaves[i].kind);
-        write_pem(leaves[i].file, x, k);
-        X509_free(x);
-        EVP_PKEY_free(k);
-    }
-    X509_free(ca);
-    X509_free(other_ca);
-    EVP_PKEY_free(ca_key);
-    EVP_PKEY_free(other_ca_key);
-}
-
-static int free_port(void)
-{
-    struct sockaddr_in sin;
-    socklen_t len = sizeof(sin);
-    int fd = socket(AF_INET, SOCK_STREAM, 0), p;
-
-    memset(&sin, 0, sizeof(sin));
-    sin.sin_family = AF_INET;
-    sin.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    ck_assert_int_eq(bind(fd, (struct sockaddr *)&sin, sizeof(sin)), 0);
-    ck_assert_int_eq(getsockname(fd, (struct sockaddr *)&sin, &len), 0);
-    p = ntohs(sin.sin_port);
-    close(fd);
-    return p;
-}
-
 static void start(void)
 {
-    char *text, *fixed = NULL, *at, policy[400];
+    char policy[400];
 
     ck_assert_int_eq(kh_setup(&K, KMSD_PATH, "kmsd-tls", NULL, "[policy]\nfile = policy.conf\n"),
                      0);
-    make_pki();
+    ck_assert_int_eq(tp_make_pki(K.dir), 0);
     snprintf(policy, sizeof(policy), "%s/policy.conf", K.dir);
     ck_assert_int_eq(kh_write_file(policy,
                                    "allow uid:0 all on *\n"
@@ -178,21 +45,10 @@ static void start(void)
                                    "allow cert:ops-* admin on *\n",
                                    0644),
                      0);
-    port = free_port();
+    port = tp_free_port();
+    ck_assert_int_gt(port, 0);
     snprintf(url_base, sizeof(url_base), "https://127.0.0.1:%d", port);
-    text = kh_read_file(K.conf, NULL);
-    ck_assert_ptr_nonnull(text);
-    at = strstr(text, "unix = kmsd.sock\n");
-    ck_assert_ptr_nonnull(at);
-    at += strlen("unix = kmsd.sock\n");
-    ck_assert_int_gt(asprintf(&fixed,
-                              "%.*stls = 127.0.0.1:%d\ntls_cert = server.crt\n"
-                              "tls_key = server.key\ntls_client_ca = ca.crt\n%s",
-                              (int)(at - text), text, port, at),
-                     0);
-    ck_assert_int_eq(kh_write_file(K.conf, fixed, 0600), 0);
-    free(text);
-    free(fixed);
+    ck_assert_int_eq(tp_add_tls_listener(&K, port), 0);
     ck_assert_int_eq(kh_start(&K), 0);
 }
 
