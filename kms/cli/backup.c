@@ -341,7 +341,9 @@ out:
     return rv;
 }
 
-static int backup_run(kms_cli *cli, int argc, char **argv)
+/* Both verbs take one path and need --config: parse, load, run `fn`. */
+static int run_with_config(kms_cli *cli, int argc, char **argv, const char *verb,
+                           int (*fn)(kms_cli *, const kms_config *, const char *))
 {
     const char *pos[1];
     kms_config *cfg = NULL;
@@ -350,11 +352,16 @@ static int backup_run(kms_cli *cli, int argc, char **argv)
     if ((rv = kms_parse(cli, argc, argv, NULL, pos, 1, 1, NULL)) != KMS_EXIT_OK)
         return rv;
     if (cli->config == NULL)
-        return kms_usage(cli, "backup needs --config FILE (kmsd.conf) before it");
-    if ((rv = load_config(cli, "backup", &cfg)) == KMS_EXIT_OK)
-        rv = do_backup(cli, cfg, pos[0]);
+        return kms_usage(cli, "%s needs --config FILE (kmsd.conf) before it", verb);
+    if ((rv = load_config(cli, verb, &cfg)) == KMS_EXIT_OK)
+        rv = fn(cli, cfg, pos[0]);
     kms_config_free(cfg);
     return rv;
+}
+
+static int backup_run(kms_cli *cli, int argc, char **argv)
+{
+    return run_with_config(cli, argc, argv, "backup", do_backup);
 }
 
 /* ---- restore ------------------------------------------------------------ */
@@ -729,18 +736,7 @@ out:
 
 static int restore_run(kms_cli *cli, int argc, char **argv)
 {
-    const char *pos[1];
-    kms_config *cfg = NULL;
-    int rv;
-
-    if ((rv = kms_parse(cli, argc, argv, NULL, pos, 1, 1, NULL)) != KMS_EXIT_OK)
-        return rv;
-    if (cli->config == NULL)
-        return kms_usage(cli, "restore needs --config FILE (kmsd.conf) before it");
-    if ((rv = load_config(cli, "restore", &cfg)) == KMS_EXIT_OK)
-        rv = do_restore(cli, cfg, pos[0]);
-    kms_config_free(cfg);
-    return rv;
+    return run_with_config(cli, argc, argv, "restore", do_restore);
 }
 
 static const kms_command backup_commands[] = {
