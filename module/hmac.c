@@ -54,8 +54,8 @@ static CK_RV op_hmac_create(p11_ctx *ctx, CK_SESSION_HANDLE s, void *argp, int *
         {CKA_WRAP, &no, sizeof(no)},
         {CKA_UNWRAP, &no, sizeof(no)},
         {CKA_DERIVE, &no, sizeof(no)},
-        {CKA_MODIFIABLE, &no, sizeof(no)},
-        {CKA_COPYABLE, &no, sizeof(no)},
+        {CKA_MODIFIABLE, &yes, sizeof(yes)}, /* SoftHSM2 copies only a modifiable object */
+        {CKA_COPYABLE, &yes, sizeof(yes)},
         {CKA_ALLOWED_MECHANISMS, allowed, sizeof(allowed)},
         {CKA_ID, arg->id, P11_KEK_ID_LEN},
         {CKA_LABEL, (void *)arg->label, strlen(arg->label)},
@@ -103,7 +103,9 @@ static CK_RV op_hmac(p11_ctx *ctx, CK_SESSION_HANDLE s, void *argp, int *flags)
     CK_MECHANISM mech = {CKM_SHA256_HMAC, NULL, 0};
     CK_ULONG mac_len = P11_HMAC_LEN;
 
-    rv = p11_kek_handle(ctx, s, arg->id, &h, flags);
+    /* Its session-object copy, like a KEK's (kek.c): SoftHSM2 re-reads a
+     * token object's file on every use, once per commit group here. */
+    rv = p11_kek_use_handle(ctx, s, arg->id, &h, flags);
     if (rv != CKR_OK)
         goto out;
     if (arg->verify) {

@@ -65,12 +65,8 @@ void kms_audit_entry_init(kms_audit_entry *e, const char *operation, const char 
     e->result_from_write = 1;
 }
 
-p11kms_status kms_audit_settle(kms_core *core, kms_audit_entry *e, p11kms_status rv)
+void kms_audit_settle_prepare(kms_audit_entry *e, p11kms_status rv)
 {
-    p11kms_status ars;
-
-    if (e->committed)
-        return rv;
     e->result_from_write = 0;
     e->result = rv == P11KMS_OK              ? KMS_AUDIT_OK
                 : rv == P11KMS_ERR_FORBIDDEN ? KMS_AUDIT_REFUSED
@@ -78,6 +74,15 @@ p11kms_status kms_audit_settle(kms_core *core, kms_audit_entry *e, p11kms_status
     snprintf(e->error_code, sizeof(e->error_code), "%s",
              rv == P11KMS_OK ? "" : p11kms_status_code(rv));
     e->time = 0;
+}
+
+p11kms_status kms_audit_settle(kms_core *core, kms_audit_entry *e, p11kms_status rv)
+{
+    p11kms_status ars;
+
+    if (e->committed)
+        return rv;
+    kms_audit_settle_prepare(e, rv);
     ars = kms_store_audit_append(kms_core_store(core), e, 1);
     if (ars == P11KMS_OK)
         return rv;

@@ -203,6 +203,29 @@ p11kms_status kms_dek_generate(kms_core *core, const char *key,
 p11kms_status kms_dek_decrypt(kms_core *core, const char *dek_id,
                               const json_t *context, kms_datakey *out);
 
+/* The same two calls without holding the thread through the commit
+ * (dekop.c; kmsd's hot path).  *out receives the op before anything can
+ * complete; P11KMS_OK: done(arg) is then called exactly once, on this
+ * thread before the call returns or later on the store's writer thread
+ * (it must not block: hand the op on), and kms_dek_op_result gives what
+ * kms_dek_generate / kms_dek_decrypt would have returned, with the same
+ * audit entries and the same rule that a plaintext comes only after its
+ * write is durable.  *rerun set: nothing happened (a concurrent issuer
+ * filled the key version's wrap budget); run the synchronous call.  Any
+ * other return: no op, done is never called.  decrypt: known is the DEK's
+ * record if the caller has read it already, or NULL.  Free every op with
+ * kms_dek_op_free (it wipes the plaintext). */
+typedef struct kms_dek_op kms_dek_op;
+typedef void (*kms_dek_op_done_fn)(void *arg);
+
+p11kms_status kms_dek_generate_start(kms_core *core, const char *key, const json_t *context,
+                                     kms_dek_op_done_fn done, void *arg, kms_dek_op **out);
+p11kms_status kms_dek_decrypt_start(kms_core *core, const char *dek_id, const kms_dek_rec *known,
+                                    const json_t *context, kms_dek_op_done_fn done, void *arg,
+                                    kms_dek_op **out);
+p11kms_status kms_dek_op_result(const kms_dek_op *op, kms_datakey *out, int *rerun);
+void kms_dek_op_free(kms_dek_op *op);
+
 /* ---- DEK lifecycle: show, list, revoke, destroy (lifecycle.c) ----
  *
  * States move active -> revoked -> destroyed, or active -> destroyed,

@@ -11,6 +11,8 @@
  *
  * Every plaintext buffer is wiped with OPENSSL_cleanse on every path.
  */
+#include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -62,21 +64,74 @@ p11kms_status kms_uuid_new(char out[KMS_DEK_ID_LEN + 1])
 #define GENERATE_ATTEMPTS 32 /* re-reads after a full or rotated latest version (racing
                               * issuers only contend here with tiny test caps) */
 
+p11kms_status kms_dek_wrap_attempt(kms_core *core, const char *key, char *canonical,
+                                   kms_dek_rec *dek, unsigned char plaintext[KMS_DEK_LEN],
+                                   uint32_t *full)
+{
+    p11kms_status rv;
+    kms_key_rec *k = NULL;
+    const kms_version_rec *ver;
+    unsigned char *aad = NULL;
+    size_t aad_len = 0;
+    CK_RV crv;
+
+    *full = 0;
+    OPENSSL_cleanse(dek->wrapped, sizeof(dek->wrapped));
+    rv = kms_store_key_get_meta(kms_core_store(core), key, &k);
+    if (rv != P11KMS_OK)
+        goto out;
+    if (k->state != KMS_KEY_ENABLED) {
+        rv = P11KMS_ERR_KEY_DISABLED;
+        goto out;
+    }
+    ver = kms_key_find_version(k, k->latest_version);
+    if (ver == NULL || ver->state != KMS_VERSION_ACTIVE) {
+        LOG_ERROR("core", "key %s has no active latest version %u", key, k->latest_version);
+        rv = P11KMS_ERR_INTERNAL;
+        goto out;
+    }
+    if (ver->wrap_count >= kms_core_max_wraps(core)) {
+        LOG_INFO("core", "key %s version %u has wrapped %llu data keys: rotating", key,
+                 ver->version, (unsigned long long)ver->wrap_count);
+        *full = ver->version;
+        goto out;
+    }
+    rv = kms_aad_build(key, ver->version, dek->id, canonical, &aad, &aad_len);
+    if (rv != P11KMS_OK)
+        goto out;
+    dek->wrapped_len = sizeof(dek->wrapped);
+    /* DEK and IV from one C_GenerateRandom (a fresh DEK per attempt). */
+    crv = p11_generate_and_wrap(kms_core_token(core), ver->token_id, aad, aad_len, KMS_DEK_LEN,
+                                plaintext, dek->wrapped, &dek->wrapped_len);
+    if (crv != CKR_OK) {
+        rv = kms_status_from_rv(crv);
+        if (rv == P11KMS_ERR_INTEGRITY_FAILURE)
+            rv = P11KMS_ERR_INTERNAL;
+        goto out;
+    }
+    snprintf(dek->key, sizeof(dek->key), "%s", key);
+    dek->version = ver->version;
+    dek->state = KMS_DEK_ACTIVE;
+    dek->context = canonical;
+    dek->created = (int64_t)time(NULL);
+out:
+    if (rv != P11KMS_OK)
+        OPENSSL_cleanse(plaintext, KMS_DEK_LEN);
+    free(aad);
+    kms_key_rec_free(k);
+    return rv;
+}
+
 p11kms_status kms_dek_generate(kms_core *core, const char *key, const json_t *context,
                                kms_datakey *out)
 {
     p11kms_status rv;
     char *canonical = NULL;
-    kms_key_rec *k = NULL;
-    const kms_version_rec *ver = NULL;
-    unsigned char *aad = NULL;
-    size_t aad_len = 0;
     kms_dek_rec dek;
     kms_datakey result;
     kms_audit_entry ae;
-    uint32_t rotated = 0;
+    uint32_t rotated = 0, full = 0;
     int refused = 1, attempt;
-    CK_RV crv;
 
     memset(&dek, 0, sizeof(dek));
     memset(&result, 0, sizeof(result));
@@ -92,53 +147,18 @@ p11kms_status kms_dek_generate(kms_core *core, const char *key, const json_t *co
     if (rv != P11KMS_OK)
         goto out;
     for (attempt = 0; attempt < GENERATE_ATTEMPTS && refused; attempt++) {
-        kms_key_rec_free(k);
-        k = NULL;
-        free(aad);
-        aad = NULL;
-        OPENSSL_cleanse(dek.wrapped, sizeof(dek.wrapped));
-        rv = kms_store_key_get_meta(kms_core_store(core), key, &k);
+        rv = kms_dek_wrap_attempt(core, key, canonical, &dek, result.plaintext, &full);
         if (rv != P11KMS_OK)
             goto out;
-        if (k->state != KMS_KEY_ENABLED) {
-            rv = P11KMS_ERR_KEY_DISABLED;
-            goto out;
-        }
-        ver = kms_key_find_version(k, k->latest_version);
-        if (ver == NULL || ver->state != KMS_VERSION_ACTIVE) {
-            LOG_ERROR("core", "key %s has no active latest version %u", key, k->latest_version);
-            rv = P11KMS_ERR_INTERNAL;
-            goto out;
-        }
-        if (ver->wrap_count >= kms_core_max_wraps(core)) {
+        if (full != 0) {
             /* The hard rule: a full version wraps no more.  Rotate (the
              * store's compare-and-set lets one racing caller win; the
              * others re-read) and wrap under the new latest version. */
-            LOG_INFO("core", "key %s version %u has wrapped %llu data keys: rotating", key,
-                     ver->version, (unsigned long long)ver->wrap_count);
-            rv = kms_key_rotate_from(core, key, ver->version, &rotated, NULL);
+            rv = kms_key_rotate_from(core, key, full, &rotated, NULL);
             if (rv != P11KMS_OK)
                 goto out;
             continue;
         }
-        rv = kms_aad_build(key, ver->version, dek.id, canonical, &aad, &aad_len);
-        if (rv != P11KMS_OK)
-            goto out;
-        dek.wrapped_len = sizeof(dek.wrapped);
-        /* DEK and IV from one C_GenerateRandom (a fresh DEK per attempt). */
-        crv = p11_generate_and_wrap(kms_core_token(core), ver->token_id, aad, aad_len,
-                                    KMS_DEK_LEN, result.plaintext, dek.wrapped, &dek.wrapped_len);
-        if (crv != CKR_OK) {
-            rv = kms_status_from_rv(crv);
-            if (rv == P11KMS_ERR_INTEGRITY_FAILURE)
-                rv = P11KMS_ERR_INTERNAL;
-            goto out;
-        }
-        snprintf(dek.key, sizeof(dek.key), "%s", key);
-        dek.version = ver->version;
-        dek.state = KMS_DEK_ACTIVE;
-        dek.context = canonical;
-        dek.created = (int64_t)time(NULL);
         ae.version = dek.version;
         memcpy(ae.dek_id, dek.id, sizeof(ae.dek_id));
         /* The entry commits with the row (not when the cap refused it). */
@@ -162,9 +182,7 @@ out:
         *out = result;
     OPENSSL_cleanse(&result, sizeof(result));
     OPENSSL_cleanse(dek.wrapped, sizeof(dek.wrapped));
-    free(aad);
     free(canonical);
-    kms_key_rec_free(k);
     return rv;
 }
 
@@ -185,34 +203,27 @@ static p11kms_status check_decryptable(const kms_dek_rec *dek, const kms_key_rec
     return P11KMS_OK;
 }
 
-p11kms_status kms_dek_decrypt(kms_core *core, const char *dek_id, const json_t *context,
-                              kms_datakey *out)
+p11kms_status kms_dek_unwrap_checked(kms_core *core, const char *dek_id,
+                                     const kms_dek_rec *known, const char *canonical,
+                                     kms_audit_entry *ae, kms_datakey *result)
 {
     p11kms_status rv;
-    char *canonical = NULL;
-    kms_dek_rec *dek = NULL;
+    kms_dek_rec *read = NULL;
+    const kms_dek_rec *dek = known;
     kms_key_rec *k = NULL;
     const kms_version_rec *ver;
     unsigned char *aad = NULL;
     size_t aad_len = 0, pt_len = KMS_DEK_LEN;
-    kms_datakey result;
-    kms_audit_entry ae;
     CK_RV crv;
 
-    memset(&result, 0, sizeof(result));
-    kms_audit_entry_init(&ae, "datakey.decrypt", NULL, 0, kms_dek_id_valid(dek_id) ? dek_id : NULL);
-    if (!kms_dek_id_valid(dek_id)) {
-        rv = P11KMS_ERR_DEK_NOT_FOUND;
-        goto out;
+    if (dek == NULL) {
+        rv = kms_store_dek_get(kms_core_store(core), dek_id, &read);
+        if (rv != P11KMS_OK)
+            goto out;
+        dek = read;
     }
-    rv = kms_context_canonical(context, &canonical);
-    if (rv != P11KMS_OK)
-        goto out;
-    rv = kms_store_dek_get(kms_core_store(core), dek_id, &dek);
-    if (rv != P11KMS_OK)
-        goto out;
-    snprintf(ae.key, sizeof(ae.key), "%s", dek->key);
-    ae.version = dek->version;
+    snprintf(ae->key, sizeof(ae->key), "%s", dek->key);
+    ae->version = dek->version;
     rv = kms_store_key_get_meta(kms_core_store(core), dek->key, &k);
     if (rv != P11KMS_OK) {
         if (rv == P11KMS_ERR_KEY_NOT_FOUND)
@@ -233,7 +244,7 @@ p11kms_status kms_dek_decrypt(kms_core *core, const char *dek_id, const json_t *
     if (rv != P11KMS_OK)
         goto out;
     crv = p11_unwrap(kms_core_token(core), ver->token_id, aad, aad_len, dek->wrapped,
-                     dek->wrapped_len, result.plaintext, &pt_len);
+                     dek->wrapped_len, result->plaintext, &pt_len);
     if (crv == CKR_OK && pt_len != KMS_DEK_LEN)
         crv = CKR_ENCRYPTED_DATA_INVALID;
     if (crv != CKR_OK) {
@@ -245,9 +256,36 @@ p11kms_status kms_dek_decrypt(kms_core *core, const char *dek_id, const json_t *
                       dek_id, dek->key, dek->version);
         goto out;
     }
-    memcpy(result.id, dek->id, sizeof(result.id));
-    snprintf(result.key, sizeof(result.key), "%s", dek->key);
-    result.version = dek->version;
+    memcpy(result->id, dek->id, sizeof(result->id));
+    snprintf(result->key, sizeof(result->key), "%s", dek->key);
+    result->version = dek->version;
+out:
+    if (rv != P11KMS_OK)
+        OPENSSL_cleanse(result, sizeof(*result));
+    free(aad);
+    kms_dek_rec_free(read);
+    kms_key_rec_free(k);
+    return rv;
+}
+
+p11kms_status kms_dek_decrypt(kms_core *core, const char *dek_id, const json_t *context,
+                              kms_datakey *out)
+{
+    p11kms_status rv;
+    char *canonical = NULL;
+    kms_datakey result;
+    kms_audit_entry ae;
+
+    memset(&result, 0, sizeof(result));
+    kms_audit_entry_init(&ae, "datakey.decrypt", NULL, 0, kms_dek_id_valid(dek_id) ? dek_id : NULL);
+    if (!kms_dek_id_valid(dek_id)) {
+        rv = P11KMS_ERR_DEK_NOT_FOUND;
+        goto out;
+    }
+    rv = kms_context_canonical(context, &canonical);
+    if (rv != P11KMS_OK)
+        goto out;
+    rv = kms_dek_unwrap_checked(core, dek_id, NULL, canonical, &ae, &result);
 out:
     /* Fail closed: the plaintext is handed out only once its entry is
      * durable (one group-commit write, shared with concurrent requests). */
@@ -255,9 +293,6 @@ out:
     if (rv == P11KMS_OK)
         *out = result;
     OPENSSL_cleanse(&result, sizeof(result));
-    free(aad);
     free(canonical);
-    kms_dek_rec_free(dek);
-    kms_key_rec_free(k);
     return rv;
 }

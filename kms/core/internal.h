@@ -59,6 +59,26 @@ void kms_core_rotate_unlock(kms_core *core);
 p11kms_status kms_key_rotate_from(kms_core *core, const char *name, uint32_t expected_latest,
                                   uint32_t *rotated, kms_audit_entry *audit);
 
+/* ---- data keys (deks.c), shared by the synchronous and the
+ * asynchronous (dekop.c) forms ---- */
+
+/* One attempt of generate up to the store write: read key `key`, check
+ * it, generate a fresh DEK and wrap it under the latest version into dek
+ * (dek->id set by the caller; dek->context points at canonical) and
+ * plaintext (wiped on error).  *full is the latest version's number when
+ * it has wrapped its budget (nothing generated: rotate and try again). */
+p11kms_status kms_dek_wrap_attempt(kms_core *core, const char *key, char *canonical,
+                                   kms_dek_rec *dek, unsigned char plaintext[KMS_DEK_LEN],
+                                   uint32_t *full);
+
+/* Decrypt up to its audit entry: the state, key and context checks, then
+ * the unwrap into result (wiped on error); ae gets the DEK's key and
+ * version.  known: the DEK's record when the caller has already read it
+ * (kmsd's authorization did), or NULL to read it here. */
+p11kms_status kms_dek_unwrap_checked(kms_core *core, const char *dek_id,
+                                     const kms_dek_rec *known, const char *canonical,
+                                     kms_audit_entry *ae, kms_datakey *result);
+
 /* ---- audit (audit.c) ---- */
 
 /* An entry of `operation` by the thread's actor, its result to be taken
@@ -70,6 +90,9 @@ void kms_audit_entry_init(kms_audit_entry *e, const char *operation, const char 
  * it alone with outcome rv.  Returns rv, or STORE_UNAVAILABLE when rv was
  * P11KMS_OK and the entry could not be written (fail closed). */
 p11kms_status kms_audit_settle(kms_core *core, kms_audit_entry *e, p11kms_status rv);
+
+/* The entry of kms_audit_settle, made ready to append (its result from rv). */
+void kms_audit_settle_prepare(kms_audit_entry *e, p11kms_status rv);
 
 /* Get or create the MAC key (id receives its CKA_ID) and attach the MAC
  * callback to the store. */

@@ -41,7 +41,7 @@ p11kms_status kms_authz_decide(const kms_policy *pol, const kms_authz_request *r
 }
 
 int kms_authz_call(kms_core *core, const kms_policy *pol, const kms_principal *who,
-                   const kms_call *call, kms_reply *reply)
+                   const kms_call *call, kms_reply *reply, kms_dek_rec **dek_out)
 {
     kms_call_access acc;
     kms_authz_request req;
@@ -50,6 +50,8 @@ int kms_authz_call(kms_core *core, const kms_policy *pol, const kms_principal *w
     const char *op_name;
     int allowed = 0;
 
+    if (dek_out != NULL)
+        *dek_out = NULL;
     kms_call_access_get(call, &acc);
     if (acc.op == 0)
         return 1;
@@ -76,6 +78,10 @@ int kms_authz_call(kms_core *core, const kms_policy *pol, const kms_principal *w
     }
     if (kms_authz_decide(pol, &req) == P11KMS_OK) {
         allowed = 1;
+        if (dek_out != NULL) {
+            *dek_out = dek;
+            dek = NULL;
+        }
     } else if (acc.dek_id != NULL) {
         kms_reply_error(reply, P11KMS_ERR_FORBIDDEN, "%s may not %s this data key", who->name,
                         op_name);

@@ -36,10 +36,12 @@ typedef struct kms_authz_request {
 p11kms_status kms_authz_decide(const kms_policy *pol, const kms_authz_request *req);
 
 /* Authorize `call` for `who`: open routes pass; a DEK-addressed call has
- * its DEK looked up (kms_dek_show) and is decided on the DEK's key.
+ * its DEK looked up in the store and is decided on the DEK's key.
  * Returns 1 when the call may run, 0 when reply holds the answer
- * (403 forbidden, or the lookup's 5xx). */
+ * (403 forbidden, or the lookup's 5xx).  dek (may be NULL) receives the
+ * record read for an allowed DEK-addressed call (NULL otherwise), so the
+ * call need not read it again; free it with kms_dek_rec_free. */
 int kms_authz_call(kms_core *core, const kms_policy *pol, const kms_principal *who,
-                   const kms_call *call, kms_reply *reply);
+                   const kms_call *call, kms_reply *reply, kms_dek_rec **dek_out);
 
 #endif

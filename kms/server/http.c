@@ -76,6 +76,12 @@ typedef struct loop {
     struct evconnlistener *listener_tls;
     pthread_t thread;
     int started;
+    /* Requests whose asynchronous core call finished (on_async_done, any
+     * thread), waiting for this loop to write their replies. */
+    pthread_mutex_t done_mu;
+    int done_mu_ok;
+    struct pending *done_head, *done_tail; /* [done_mu] */
+    struct event *ev_done;
 } loop;
 
 struct kms_server {
@@ -97,6 +103,7 @@ struct kms_server {
     int idle_ticks;
     atomic_long inflight;
     atomic_long connections;
+    atomic_long async_pending; /* core calls between kms_routes_start and on_async_done */
     atomic_int draining;
 };
 
@@ -112,7 +119,9 @@ typedef struct pending {
     kms_principal who;  /* "unknown" when none */
     kms_policy *policy; /* a reference to the policy this request is decided by */
     int close;          /* the client asked for it */
+    int sync;           /* run the call synchronously (an asynchronous one asked to rerun) */
     char refused[24];   /* framing refusal, for the log */
+    struct pending *next; /* in its loop's done list */
 } pending;
 
 static const struct {
@@ -311,23 +320,88 @@ static void deliver(evutil_socket_t fd, short what, void *arg)
     finish(arg);
 }
 
-/* On a worker thread. */
+static void run_job(void *arg);
+
+/* The asynchronous core call of p finished (on the store's writer thread,
+ * or on the worker before kms_routes_start returned): queue p for its
+ * loop and wake the loop once per batch. */
+static void on_async_done(void *arg)
+{
+    pending *p = arg;
+    loop *lp = p->loop;
+    kms_server *srv = lp->srv;
+    int wake;
+
+    pthread_mutex_lock(&lp->done_mu);
+    p->next = NULL;
+    wake = lp->done_head == NULL;
+    if (lp->done_tail != NULL)
+        lp->done_tail->next = p;
+    else
+        lp->done_head = p;
+    lp->done_tail = p;
+    pthread_mutex_unlock(&lp->done_mu);
+    if (wake)
+        event_active(lp->ev_done, EV_READ, 0);
+    atomic_fetch_sub(&srv->async_pending, 1); /* last: kms_server_free waits for it */
+}
+
+/* On the loop: reply to every request its done list holds. */
+static void on_done_ready(evutil_socket_t fd, short what, void *arg)
+{
+    loop *lp = arg;
+    pending *p, *next;
+
+    (void)fd;
+    (void)what;
+    pthread_mutex_lock(&lp->done_mu);
+    p = lp->done_head;
+    lp->done_head = lp->done_tail = NULL;
+    pthread_mutex_unlock(&lp->done_mu);
+    for (; p != NULL; p = next) {
+        next = p->next;
+        if (kms_routes_complete(p->call, &p->reply)) {
+            finish(p);
+            continue;
+        }
+        p->sync = 1; /* rare: the key version filled up meanwhile */
+        if (kms_workers_submit(lp->srv->workers, run_job, p) != P11KMS_OK) {
+            kms_reply_error(&p->reply, P11KMS_ERR_OVERLOADED, "server busy; retry later");
+            finish(p);
+        }
+    }
+}
+
+/* On a worker thread.  The hot routes go asynchronous (the reply is then
+ * written by on_done_ready); the others run here and are handed back. */
 static void run_job(void *arg)
 {
     pending *p = arg;
+    kms_server *srv = p->loop->srv;
+    kms_dek_rec *dek = NULL;
+    int started = 0;
 
     kms_core_actor_set(p->who.name); /* the principal of the request's audit entry */
-    if (kms_authz_call(p->loop->srv->core, p->policy, &p->who, p->call, &p->reply)) {
+    if (kms_authz_call(srv->core, p->policy, &p->who, p->call, &p->reply, &dek)) {
         if (strcmp(kms_call_name(p->call), "metrics") == 0) { /* GET /metrics: admin */
-            kms_server *srv = p->loop->srv;
             kms_metrics_gauges g = {kms_workers_pending(srv->workers), atomic_load(&srv->inflight),
                                     atomic_load(&srv->connections)};
             kms_metrics_render(srv->core, &g, &p->reply);
         } else {
-            kms_routes_execute(p->loop->srv->core, p->call, &p->reply);
+            if (!p->sync) {
+                atomic_fetch_add(&srv->async_pending, 1);
+                started = kms_routes_start(srv->core, p->call, dek, on_async_done, p);
+                if (!started)
+                    atomic_fetch_sub(&srv->async_pending, 1);
+            }
+            if (!started)
+                kms_routes_execute(srv->core, p->call, &p->reply);
         }
     }
     kms_core_actor_set(NULL);
+    kms_dek_rec_free(dek);
+    if (started)
+        return; /* p belongs to on_async_done now (it may be answered already) */
     if (event_base_once(p->loop->base, -1, EV_TIMEOUT, deliver, p, NULL) != 0)
         LOG_ERROR("http", "cannot hand a reply back to its event loop");
 }
@@ -446,6 +520,7 @@ static void *loop_main(void *arg)
 {
     loop *lp = arg;
 
+    pthread_setname_np(pthread_self(), "kmsd-loop"); /* top -H, perf */
     event_base_loop(lp->base, EVLOOP_NO_EXIT_ON_EMPTY);
     return NULL;
 }
@@ -479,13 +554,33 @@ static p11kms_status http_init(kms_server *srv, loop *lp, struct evhttp *http,
     return P11KMS_OK;
 }
 
+/* An event base whose epoll backend batches the interest changes of one
+ * loop iteration into one epoll_ctl per fd (evhttp enables and disables
+ * reading and writing several times per request). */
+static struct event_base *loop_base_new(void)
+{
+    struct event_config *cfg = event_config_new();
+    struct event_base *base;
+
+    if (cfg == NULL)
+        return NULL;
+    event_config_set_flag(cfg, EVENT_BASE_FLAG_EPOLL_USE_CHANGELIST);
+    base = event_base_new_with_config(cfg);
+    event_config_free(cfg);
+    return base;
+}
+
 static p11kms_status loop_init(kms_server *srv, loop *lp)
 {
     p11kms_status rv;
 
     lp->srv = srv;
-    lp->base = event_base_new();
-    if (lp->base == NULL || (lp->http = evhttp_new(lp->base)) == NULL)
+    if (pthread_mutex_init(&lp->done_mu, NULL) != 0)
+        return P11KMS_ERR_INTERNAL;
+    lp->done_mu_ok = 1;
+    lp->base = loop_base_new();
+    if (lp->base == NULL || (lp->http = evhttp_new(lp->base)) == NULL ||
+        (lp->ev_done = event_new(lp->base, -1, 0, on_done_ready, lp)) == NULL)
         return P11KMS_ERR_NO_MEMORY;
     if ((rv = http_init(srv, lp, lp->http, make_bev, srv->listen_fd, &lp->listener)) != P11KMS_OK)
         return rv;
@@ -704,6 +799,7 @@ p11kms_status kms_server_new(const kms_config *cfg, kms_core *core, kms_server *
     kms_policy_slot_init(&srv->policy);
     atomic_init(&srv->inflight, 0);
     atomic_init(&srv->connections, 0);
+    atomic_init(&srv->async_pending, 0);
     atomic_init(&srv->draining, 0);
     if ((rv = load_policy(srv, 0)) != P11KMS_OK)
         goto out;
@@ -773,6 +869,33 @@ p11kms_status kms_server_run(kms_server *srv)
     return rv;
 }
 
+/* At exit, after the loops and workers stopped: wait for the store to
+ * finish the asynchronous calls still in flight (it always does, with a
+ * commit or an error), then drop their unanswered requests. */
+static void drop_async(kms_server *srv)
+{
+    const struct timespec tick = {0, 1000000};
+    pending *p, *next;
+
+    while (atomic_load(&srv->async_pending) > 0)
+        nanosleep(&tick, NULL);
+    for (size_t i = 0; i < srv->n_loops; i++) {
+        if (!srv->loops[i].done_mu_ok)
+            continue;
+        pthread_mutex_lock(&srv->loops[i].done_mu);
+        p = srv->loops[i].done_head;
+        srv->loops[i].done_head = srv->loops[i].done_tail = NULL;
+        pthread_mutex_unlock(&srv->loops[i].done_mu);
+        for (; p != NULL; p = next) {
+            next = p->next;
+            kms_reply_clear(&p->reply);
+            kms_call_free(p->call);
+            kms_policy_unref(p->policy);
+            free(p);
+        }
+    }
+}
+
 void kms_server_free(kms_server *srv)
 {
     if (srv == NULL)
@@ -785,6 +908,7 @@ void kms_server_free(kms_server *srv)
             pthread_join(srv->loops[i].thread, NULL);
     /* Workers finish what they hold; replies to stopped loops are dropped. */
     kms_workers_free(srv->workers);
+    drop_async(srv);
     for (size_t i = 0; i < srv->n_loops; i++) {
         if (srv->loops[i].http != NULL)
             evhttp_free(srv->loops[i].http); /* frees its listener too */
@@ -794,8 +918,12 @@ void kms_server_free(kms_server *srv)
             evhttp_free(srv->loops[i].http_tls);
         else if (srv->loops[i].listener_tls != NULL)
             evconnlistener_free(srv->loops[i].listener_tls);
+        if (srv->loops[i].ev_done != NULL)
+            event_free(srv->loops[i].ev_done);
         if (srv->loops[i].base != NULL)
             event_base_free(srv->loops[i].base);
+        if (srv->loops[i].done_mu_ok)
+            pthread_mutex_destroy(&srv->loops[i].done_mu);
     }
     free(srv->loops);
     if (srv->ev_drain != NULL)

@@ -109,6 +109,7 @@ struct kms_call {
     uint64_t batch;                  /* rewrap: 0 = everything */
     uint32_t version;                /* retire */
     uint64_t after;                  /* audit list */
+    kms_dek_op *op;                  /* kms_routes_start's, until kms_call_free */
 };
 
 /* ---- replies ---- */
@@ -926,6 +927,7 @@ void kms_call_free(kms_call *call)
 {
     if (call == NULL)
         return;
+    kms_dek_op_free(call->op);
     json_decref(call->context);
     free(call);
 }
@@ -1308,4 +1310,48 @@ void kms_routes_execute(kms_core *core, kms_call *call, kms_reply *r)
     kms_key_rec_free(key);
     if (keys != NULL)
         kms_key_list_free(keys, n_keys);
+}
+
+int kms_routes_start(kms_core *core, kms_call *call, const kms_dek_rec *known,
+                     kms_dek_op_done_fn done, void *arg)
+{
+    p11kms_status s;
+
+    if (call->op != NULL)
+        return 0;
+    if (call->route->id == R_DATAKEY_GENERATE)
+        s = kms_dek_generate_start(core, call->name, call->context, done, arg, &call->op);
+    else if (call->route->id == R_DATAKEY_DECRYPT)
+        s = kms_dek_decrypt_start(core, call->dek_id,
+                                  known != NULL && strcmp(known->id, call->dek_id) == 0 ? known
+                                                                                        : NULL,
+                                  call->context, done, arg, &call->op);
+    else
+        return 0;
+    if (s != P11KMS_OK) {
+        kms_dek_op_free(call->op);
+        call->op = NULL;
+        return 0; /* out of memory: the synchronous call answers */
+    }
+    return 1;
+}
+
+int kms_routes_complete(kms_call *call, kms_reply *r)
+{
+    kms_datakey dk;
+    int rerun = 0;
+    p11kms_status s;
+
+    memset(&dk, 0, sizeof(dk));
+    s = kms_dek_op_result(call->op, &dk, &rerun);
+    kms_dek_op_free(call->op);
+    call->op = NULL;
+    if (rerun)
+        return 0;
+    if (s == P11KMS_OK)
+        reply_datakey(r, call->route->id == R_DATAKEY_GENERATE ? 201 : 200, &dk);
+    else
+        core_error(r, call, s);
+    kms_datakey_clear(&dk);
+    return 1;
 }

@@ -52,6 +52,20 @@ void kms_routes_prepare(const kms_request_info *in, kms_call **call, kms_reply *
 /* On a worker thread: run the call, fill reply.  Does not free call. */
 void kms_routes_execute(kms_core *core, kms_call *call, kms_reply *reply);
 
+/* The hot routes (datakey generate and decrypt) without holding the
+ * worker through the commit (kms_dek_op in core.h).  1: the call went
+ * asynchronous; done(arg) follows exactly once (possibly on the store's
+ * writer thread, possibly before this returns: it must only hand the
+ * request on), then kms_routes_complete writes the reply.  0: not
+ * started (another route, or out of memory); run kms_routes_execute.
+ * known: the DEK's record if authorization read it (or NULL). */
+int kms_routes_start(kms_core *core, kms_call *call, const kms_dek_rec *known,
+                     kms_dek_op_done_fn done, void *arg);
+
+/* After done(): the reply (never blocks).  0 when the call must be run
+ * again with kms_routes_execute, on a worker. */
+int kms_routes_complete(kms_call *call, kms_reply *reply);
+
 /* A short name of the call's operation for the log ("datakey.generate"). */
 const char *kms_call_name(const kms_call *call);
 

@@ -33,6 +33,7 @@ static void *worker_main(void *arg)
     kms_workers *w = arg;
     job j;
 
+    pthread_setname_np(pthread_self(), "kmsd-worker"); /* top -H, perf */
     pthread_mutex_lock(&w->lock);
     for (;;) {
         while (w->len == 0 && !w->stopping)

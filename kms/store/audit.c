@@ -15,6 +15,7 @@
  */
 #include "kms/store/store_internal.h"
 
+#include <stdlib.h>
 #include <string.h>
 
 #include <openssl/evp.h>
@@ -187,6 +188,16 @@ p11kms_status kms_store_key_create_audited(kms_store *st, const char *name,
     return submit(st, &w, audit, n_audit);
 }
 
+/* The argument rules of a capped insert (audited or not). */
+static int dek_insert_ok(const kms_store *st, const kms_dek_rec *dek, uint64_t max_wraps)
+{
+    return st != NULL && dek != NULL &&
+           strnlen(dek->id, KMS_DEK_ID_LEN + 1) == KMS_DEK_ID_LEN &&
+           kms_store_name_ok(dek->key) && dek->version != 0 && dek->context != NULL &&
+           dek->wrapped_len != 0 && dek->wrapped_len <= KMS_WRAPPED_MAX &&
+           dek->state == KMS_DEK_ACTIVE && max_wraps != 0;
+}
+
 p11kms_status kms_store_dek_insert_capped_audited(kms_store *st, const kms_dek_rec *dek,
                                                   uint64_t max_wraps, int *refused,
                                                   kms_audit_entry *audit, size_t n_audit)
@@ -197,10 +208,7 @@ p11kms_status kms_store_dek_insert_capped_audited(kms_store *st, const kms_dek_r
     if (n_audit == 0 || !entries_ok(audit, n_audit))
         return n_audit == 0 ? kms_store_dek_insert_capped(st, dek, max_wraps, refused)
                             : P11KMS_ERR_BAD_REQUEST;
-    if (st == NULL || dek == NULL || strnlen(dek->id, KMS_DEK_ID_LEN + 1) != KMS_DEK_ID_LEN ||
-        !kms_store_name_ok(dek->key) || dek->version == 0 || dek->context == NULL ||
-        dek->wrapped_len == 0 || dek->wrapped_len > KMS_WRAPPED_MAX ||
-        dek->state != KMS_DEK_ACTIVE || max_wraps == 0 || refused == NULL)
+    if (!dek_insert_ok(st, dek, max_wraps) || refused == NULL)
         return P11KMS_ERR_BAD_REQUEST;
     *refused = 0;
     w.u.dek_insert.dek = dek;
@@ -209,6 +217,68 @@ p11kms_status kms_store_dek_insert_capped_audited(kms_store *st, const kms_dek_r
     if (rv == P11KMS_OK)
         *refused = w.u.dek_insert.refused;
     return rv;
+}
+
+/* ---- asynchronous writes (kmsd's hot path) ------------------------------- */
+
+struct kms_store_async {
+    kms_write w;
+};
+
+kms_store_async *kms_store_async_new(void)
+{
+    return calloc(1, sizeof(kms_store_async));
+}
+
+void kms_store_async_free(kms_store_async *a)
+{
+    free(a);
+}
+
+static p11kms_status submit_async(kms_store *st, kms_store_async *a, kms_audit_entry *audit,
+                                  size_t n_audit, kms_store_done_fn done, void *arg)
+{
+    if (st->ops->writer == NULL) {
+        LOG_ERROR("store", "the %s backend has no audit log", st->ops->backend);
+        return P11KMS_ERR_INTERNAL;
+    }
+    a->w.audit = audit;
+    a->w.n_audit = n_audit;
+    return kms_gc_submit_async(st->ops->writer(st), &a->w, done, arg);
+}
+
+p11kms_status kms_store_audit_append_async(kms_store *st, kms_audit_entry *entries, size_t n,
+                                           kms_store_async *a, kms_store_done_fn done,
+                                           void *arg)
+{
+    if (st == NULL || entries == NULL || n == 0 || a == NULL || done == NULL)
+        return P11KMS_ERR_BAD_REQUEST;
+    memset(&a->w, 0, sizeof(a->w));
+    a->w.type = KMS_WRITE_NOOP;
+    return submit_async(st, a, entries, n, done, arg);
+}
+
+p11kms_status kms_store_dek_insert_async(kms_store *st, const kms_dek_rec *dek,
+                                         uint64_t max_wraps, kms_audit_entry *audit,
+                                         size_t n_audit, kms_store_async *a,
+                                         kms_store_done_fn done, void *arg)
+{
+    if (!dek_insert_ok(st, dek, max_wraps) || n_audit == 0 || !entries_ok(audit, n_audit) ||
+        a == NULL || done == NULL)
+        return P11KMS_ERR_BAD_REQUEST;
+    memset(&a->w, 0, sizeof(a->w));
+    a->w.type = KMS_WRITE_DEK_INSERT;
+    a->w.u.dek_insert.dek = dek;
+    a->w.u.dek_insert.max_wraps = max_wraps;
+    return submit_async(st, a, audit, n_audit, done, arg);
+}
+
+p11kms_status kms_store_async_result(const kms_store_async *a, int *refused)
+{
+    if (refused != NULL)
+        *refused = a->w.type == KMS_WRITE_DEK_INSERT && a->w.result == P11KMS_OK &&
+                   a->w.u.dek_insert.refused;
+    return a->w.result;
 }
 
 static p11kms_status dek_state_audited(kms_store *st, kms_write *w, uint64_t *count,

@@ -2,12 +2,17 @@
  * kms/store/groupcommit.c - the group-commit writer shared by the store
  * backends (interface in store_internal.h).
  *
- * Callers queue a kms_write (on their own stack) and sleep; one writer
- * thread takes everything queued (up to GC_MAX_GROUP), runs it through the
- * backend as one transaction (begin, apply each write under its own
- * savepoint, commit: one fsync for the group), then marks each write done
- * and wakes the callers.  While a group commits, the next one queues up,
- * so the number of fsyncs per second, not per write, bounds throughput.
+ * Callers queue a kms_write (on their own stack) and sleep, or queue it
+ * with a completion callback and go on (kms_gc_submit_async: kmsd's hot
+ * path, so a worker thread does not sleep through every commit); one
+ * writer thread takes everything queued (up to GC_MAX_GROUP), runs it
+ * through the backend as one transaction (begin, apply each write under
+ * its own savepoint, commit: one fsync for the group), then marks each
+ * write done, wakes exactly the sleeping callers of that group (each
+ * sleeps on its own condition variable: no thundering herd) and, with mu
+ * released, runs the callbacks.  While a group commits, the next one
+ * queues up, so the number of fsyncs per second, not per write, bounds
+ * throughput.
  *
  * The audit log (issue 5): after every write of a group is applied, the
  * entries the writes carry are appended in the same transaction: the
@@ -22,9 +27,10 @@
  * (get or create the MAC key id) is run here too, under the same lock.
  *
  * Locking: gc->mu guards the queue, `stopping`, `done` flags, the MAC
- * callback and the statistics.  The writer never holds mu while it talks to the database.
- * A write struct is not touched by the writer after its `done` flag is
- * set (the caller may return and reuse its stack at once).
+ * callback and the statistics.  The writer never holds mu while it talks
+ * to the database or runs a callback.  A synchronous write is not touched
+ * by the writer after its `done` flag is set (the caller may return and
+ * reuse its stack at once); an asynchronous one after its callback.
  */
 #include "kms/store/store_internal.h"
 
@@ -44,7 +50,6 @@ struct kms_gc {
     pthread_t thread;
     pthread_mutex_t mu;
     pthread_cond_t work_cv; /* the writer waits here for work */
-    pthread_cond_t done_cv; /* callers wait here for their results */
     kms_write *head;
     kms_write *tail;
     size_t queued;
@@ -222,9 +227,10 @@ static void *writer_main(void *arg)
 {
     kms_gc *gc = arg;
 
+    pthread_setname_np(pthread_self(), "kms-writer"); /* top -H, perf */
     pthread_mutex_lock(&gc->mu);
     for (;;) {
-        kms_write *batch, *last, *w, *next;
+        kms_write *batch, *last, *w, *next, *async, *async_tail;
         kms_audit_mac_fn mac_fn;
         void *mac_arg;
         size_t n = 1;
@@ -258,13 +264,31 @@ static void *writer_main(void *arg)
         } else {
             gc->failed_groups++;
         }
+        async = async_tail = NULL;
         for (w = batch; w != NULL; w = next) {
             next = w->next;
             for (size_t i = 0; committed && i < w->n_audit; i++)
                 w->audit[i].committed = !entries_skipped(w);
+            if (w->on_done != NULL) { /* told below, in order, without mu */
+                w->next = NULL;
+                if (async_tail != NULL)
+                    async_tail->next = w;
+                else
+                    async = w;
+                async_tail = w;
+                continue;
+            }
             w->done = 1; /* w may be gone once mu is released */
+            pthread_cond_signal(w->wake);
         }
-        pthread_cond_broadcast(&gc->done_cv);
+        if (async != NULL) {
+            pthread_mutex_unlock(&gc->mu);
+            for (w = async; w != NULL; w = next) {
+                next = w->next; /* w may be gone once told */
+                w->on_done(w->on_done_arg);
+            }
+            pthread_mutex_lock(&gc->mu);
+        }
     }
     pthread_mutex_unlock(&gc->mu);
     return NULL;
@@ -274,7 +298,7 @@ p11kms_status kms_gc_start(const kms_gc_ops *ops, void *ctx, kms_gc **out)
 {
     p11kms_status rv = P11KMS_ERR_NO_MEMORY;
     kms_gc *gc = NULL;
-    int mu_ok = 0, work_ok = 0, done_ok = 0, err;
+    int mu_ok = 0, work_ok = 0, err;
 
     gc = calloc(1, sizeof(*gc));
     if (gc == NULL)
@@ -288,9 +312,6 @@ p11kms_status kms_gc_start(const kms_gc_ops *ops, void *ctx, kms_gc **out)
     if (pthread_cond_init(&gc->work_cv, NULL) != 0)
         goto out;
     work_ok = 1;
-    if (pthread_cond_init(&gc->done_cv, NULL) != 0)
-        goto out;
-    done_ok = 1;
     err = pthread_create(&gc->thread, NULL, writer_main, gc);
     if (err != 0) {
         LOG_ERROR("store", "cannot start the writer thread: %s", strerror(err));
@@ -301,8 +322,6 @@ p11kms_status kms_gc_start(const kms_gc_ops *ops, void *ctx, kms_gc **out)
     rv = P11KMS_OK;
 out:
     if (gc != NULL) {
-        if (done_ok)
-            pthread_cond_destroy(&gc->done_cv);
         if (work_ok)
             pthread_cond_destroy(&gc->work_cv);
         if (mu_ok)
@@ -312,18 +331,16 @@ out:
     return rv;
 }
 
-p11kms_status kms_gc_submit(kms_gc *gc, kms_write *w)
+/* Append w to the queue (mu held); 0 when the writer is stopping. */
+static int enqueue(kms_gc *gc, kms_write *w)
 {
-    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
-
+    if (gc->stopping) {
+        LOG_ERROR("store", "write refused: the store is closing");
+        return 0;
+    }
     w->done = 0;
     w->next = NULL;
     w->result = P11KMS_ERR_STORE_UNAVAILABLE;
-    pthread_mutex_lock(&gc->mu);
-    if (gc->stopping) {
-        LOG_ERROR("store", "write refused: the store is closing");
-        goto out;
-    }
     if (gc->tail != NULL)
         gc->tail->next = w;
     else
@@ -331,10 +348,43 @@ p11kms_status kms_gc_submit(kms_gc *gc, kms_write *w)
     gc->tail = w;
     gc->queued++;
     pthread_cond_signal(&gc->work_cv);
+    return 1;
+}
+
+p11kms_status kms_gc_submit(kms_gc *gc, kms_write *w)
+{
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    pthread_cond_t wake;
+
+    if (pthread_cond_init(&wake, NULL) != 0)
+        return rv;
+    w->wake = &wake;
+    w->on_done = NULL;
+    pthread_mutex_lock(&gc->mu);
+    if (!enqueue(gc, w))
+        goto out;
     while (!w->done)
-        pthread_cond_wait(&gc->done_cv, &gc->mu);
+        pthread_cond_wait(&wake, &gc->mu);
     rv = w->result;
 out:
+    pthread_mutex_unlock(&gc->mu);
+    pthread_cond_destroy(&wake);
+    return rv;
+}
+
+p11kms_status kms_gc_submit_async(kms_gc *gc, kms_write *w, void (*on_done)(void *arg),
+                                  void *arg)
+{
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+
+    if (on_done == NULL)
+        return P11KMS_ERR_BAD_REQUEST;
+    w->wake = NULL;
+    w->on_done = on_done;
+    w->on_done_arg = arg;
+    pthread_mutex_lock(&gc->mu);
+    if (enqueue(gc, w))
+        rv = P11KMS_OK;
     pthread_mutex_unlock(&gc->mu);
     return rv;
 }
@@ -348,7 +398,6 @@ void kms_gc_stop(kms_gc *gc)
     pthread_cond_signal(&gc->work_cv);
     pthread_mutex_unlock(&gc->mu);
     pthread_join(gc->thread, NULL);
-    pthread_cond_destroy(&gc->done_cv);
     pthread_cond_destroy(&gc->work_cv);
     pthread_mutex_destroy(&gc->mu);
     free(gc);

@@ -456,6 +456,29 @@ p11kms_status kms_store_key_create_audited(kms_store *st, const char *name,
 p11kms_status kms_store_dek_insert_capped_audited(kms_store *st, const kms_dek_rec *dek,
                                                   uint64_t max_wraps, int *refused,
                                                   kms_audit_entry *audit, size_t n_audit);
+/* Asynchronous forms of kms_store_audit_append and
+ * kms_store_dek_insert_capped_audited, for kmsd's hot path: the write is
+ * queued and the call returns at once, so the calling thread does not
+ * sleep through the commit.  On P11KMS_OK, done(arg) is called exactly
+ * once, on the store's writer thread, when the write's group has
+ * committed or failed; it must not block or write synchronously, and
+ * must only hand the result on.  kms_store_async_result then gives the
+ * write's status (and *refused for an insert).  Any other return: nothing
+ * was queued and done is never called.  dek, entries and a must stay valid
+ * until done has run; a is reusable for another write after it. */
+typedef struct kms_store_async kms_store_async;
+typedef void (*kms_store_done_fn)(void *arg);
+
+kms_store_async *kms_store_async_new(void);
+void kms_store_async_free(kms_store_async *a);
+p11kms_status kms_store_audit_append_async(kms_store *st, kms_audit_entry *entries, size_t n,
+                                           kms_store_async *a, kms_store_done_fn done,
+                                           void *arg);
+p11kms_status kms_store_dek_insert_async(kms_store *st, const kms_dek_rec *dek,
+                                         uint64_t max_wraps, kms_audit_entry *audit,
+                                         size_t n_audit, kms_store_async *a,
+                                         kms_store_done_fn done, void *arg);
+p11kms_status kms_store_async_result(const kms_store_async *a, int *refused);
 p11kms_status kms_store_dek_revoke_audited(kms_store *st, const char *id,
                                            kms_revoke_reason reason, int64_t now,
                                            kms_audit_entry *audit, size_t n_audit);

@@ -16,6 +16,7 @@
 #ifndef P11KMS_KMS_STORE_INTERNAL_H
 #define P11KMS_KMS_STORE_INTERNAL_H
 
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -185,6 +186,13 @@ typedef struct kms_write {
     size_t n_audit;
     p11kms_status result; /* written by the writer thread */
     int done;             /* set under the queue mutex */
+    /* Who is told: a synchronous caller sleeps on `wake` (its own, so a
+     * commit wakes exactly the callers it finished); an asynchronous one
+     * (kms_gc_submit_async) gets on_done(on_done_arg) on the writer
+     * thread, after which the writer never touches the write again. */
+    pthread_cond_t *wake;
+    void (*on_done)(void *arg);
+    void *on_done_arg;
     struct kms_write *next;
 } kms_write;
 
@@ -223,6 +231,15 @@ p11kms_status kms_gc_start(const kms_gc_ops *ops, void *ctx, kms_gc **out);
 /* Queue w, wait until its group is committed (durable) or failed, and
  * return its result.  P11KMS_ERR_STORE_UNAVAILABLE once stopping. */
 p11kms_status kms_gc_submit(kms_gc *gc, kms_write *w);
+
+/* Queue w and return at once: P11KMS_OK means on_done(arg) will be called
+ * exactly once, on the writer thread, when w's group has committed or
+ * failed (w->result, and w's out fields, are then final).  on_done must
+ * not block and must not submit a synchronous write.  w must stay valid
+ * until then.  P11KMS_ERR_STORE_UNAVAILABLE (nothing queued, on_done is
+ * never called) once stopping. */
+p11kms_status kms_gc_submit_async(kms_gc *gc, kms_write *w, void (*on_done)(void *arg),
+                                  void *arg);
 
 /* Refuse new writes, let the writer drain what is queued, join it, free.
  * NULL is a no-op. */
