@@ -23,6 +23,7 @@
 #include <sqlite3.h>
 #include <stdatomic.h>
 #include <stdio.h>
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -450,6 +451,60 @@ START_TEST(wrap_count_rule)
 }
 END_TEST
 
+/* Many issuers at the wrap limit at once: every request still gets a DEK,
+ * no version wraps more than the limit, and only full versions are
+ * rotated (kmsd's asynchronous path meets the cap both before it wraps,
+ * and at commit when a concurrent issuer took the last wrap). */
+#define CAP_THREADS 8
+#define CAP_EACH 10
+#define CAP_LIMIT 5
+
+static dek cap_deks[CAP_THREADS * CAP_EACH];
+
+static void *cap_main(void *arg)
+{
+    int t = (int)(intptr_t)arg;
+
+    for (int i = 0; i < CAP_EACH; i++)
+        generate("wcc", &cap_deks[t * CAP_EACH + i]);
+    return NULL;
+}
+
+START_TEST(wrap_count_rule_concurrent)
+{
+    pthread_t t[CAP_THREADS];
+    int per_version[CAP_THREADS * CAP_EACH + 2] = {0};
+    json_int_t latest;
+    json_t *k;
+
+    ck_assert_int_eq(kh_stop(&K, SIGTERM), 0);
+    ck_assert_int_eq(kh_write_conf(&K, SERVER_EXTRA "max_wraps_per_version = 5\n", NULL), 0);
+    ck_assert_int_eq(kh_start(&K), 0);
+    create_key("wcc");
+    for (int i = 0; i < CAP_THREADS; i++)
+        pthread_create(&t[i], NULL, cap_main, (void *)(intptr_t)i);
+    for (int i = 0; i < CAP_THREADS; i++)
+        pthread_join(t[i], NULL);
+    k = keyop("wcc", "", NULL, 200);
+    latest = jint(k, "latest_version");
+    json_decref(k);
+    ck_assert_int_eq(latest, CAP_THREADS * CAP_EACH / CAP_LIMIT);
+    for (int i = 0; i < CAP_THREADS * CAP_EACH; i++) {
+        ck_assert_int_ge(cap_deks[i].version, 1);
+        ck_assert_int_le(cap_deks[i].version, latest);
+        per_version[cap_deks[i].version]++;
+    }
+    for (json_int_t v = 1; v <= latest; v++)
+        ck_assert_msg(per_version[v] == CAP_LIMIT, "version %lld wrapped %d DEKs, want %d",
+                      (long long)v, per_version[v], CAP_LIMIT);
+    for (int i = 0; i < CAP_THREADS * CAP_EACH; i++)
+        expect_decrypt(&cap_deks[i], 200, NULL);
+    ck_assert_int_eq(kh_stop(&K, SIGTERM), 0);
+    ck_assert_int_eq(kh_write_conf(&K, SERVER_EXTRA, NULL), 0);
+    ck_assert_int_eq(kh_start(&K), 0);
+}
+END_TEST
+
 /* ---- kill -9 mid-rewrap, and datakeys racing a rewrap ---- */
 
 #define N_CRASH 3000
@@ -667,6 +722,7 @@ static Suite *suite(void)
     tcase_add_test(tc, rewrap_batches_and_retire);
     tcase_add_test(tc, auto_rotation_by_period);
     tcase_add_test(tc, wrap_count_rule);
+    tcase_add_test(tc, wrap_count_rule_concurrent);
     tcase_add_test(tc, kill9_mid_rewrap);
     tcase_add_test(tc, datakeys_during_rewrap);
     suite_add_tcase(s, tc);

@@ -365,6 +365,8 @@ static void on_done_ready(evutil_socket_t fd, short what, void *arg)
             continue;
         }
         p->sync = 1; /* rare: the key version filled up meanwhile */
+        LOG_DEBUG("http", "%s %s: the key version filled up at commit; running it again", p->method,
+                  p->path);
         if (kms_workers_submit(lp->srv->workers, run_job, p) != P11KMS_OK) {
             kms_reply_error(&p->reply, P11KMS_ERR_OVERLOADED, "server busy; retry later");
             finish(p);
