@@ -3,8 +3,9 @@
  * (module/hmac.c) on a real SoftHSM2 token: its attributes read back
  * (sensitive, non-extractable, sign/verify only, HMAC-SHA256 only), its
  * value unreadable, sign/verify, a wrong MAC refused by the token, an
- * unknown key id, and that the "p11kms:" KEK listing (orphan
- * reconciliation) never includes it.
+ * unknown key id, its session-object copy (as locked down as the key),
+ * and that the "p11kms:" KEK listing (orphan reconciliation) never
+ * includes it.
  */
 #include "test_module_support.h"
 
@@ -105,6 +106,61 @@ START_TEST(sign_and_verify)
 }
 END_TEST
 
+/* Signing goes through a session-object copy inside the token (SoftHSM2
+ * re-reads a token object's file on every use); the copy is exactly as
+ * locked down: sensitive, never extractable, HMAC-SHA256 only, and neither
+ * it nor the token object can be made otherwise. */
+START_TEST(audit_key_session_copy)
+{
+    p11_ctx *ctx = tm_open();
+    CK_FUNCTION_LIST *fl = p11_function_list(ctx);
+    CK_SESSION_HANDLE s = tm_raw_session(ctx);
+    unsigned char id[P11_KEK_ID_LEN], mac[P11_HMAC_LEN], value[64];
+    static const unsigned char data[32] = "sealed head";
+    CK_OBJECT_HANDLE tok, copy, again = CK_INVALID_HANDLE;
+    CK_BBOOL token = 1, sens = 0, asens = 0, extr = 1, nextr = 0, sign = 0, enc = 1, yes = CK_TRUE,
+             no = CK_FALSE;
+    CK_MECHANISM_TYPE mechs[4], ecb_only[] = {CKM_AES_ECB};
+    CK_ATTRIBUTE a[] = {
+        {CKA_TOKEN, &token, sizeof(token)},         {CKA_SENSITIVE, &sens, sizeof(sens)},
+        {CKA_ALWAYS_SENSITIVE, &asens, sizeof(asens)}, {CKA_EXTRACTABLE, &extr, sizeof(extr)},
+        {CKA_NEVER_EXTRACTABLE, &nextr, sizeof(nextr)}, {CKA_SIGN, &sign, sizeof(sign)},
+        {CKA_ENCRYPT, &enc, sizeof(enc)},           {CKA_ALLOWED_MECHANISMS, mechs, sizeof(mechs)},
+    };
+    CK_ATTRIBUTE v = {CKA_VALUE, value, sizeof(value)};
+    CK_ATTRIBUTE ext = {CKA_EXTRACTABLE, &yes, sizeof(yes)};
+    CK_ATTRIBUTE nsens = {CKA_SENSITIVE, &no, sizeof(no)};
+    CK_ATTRIBUTE mech = {CKA_ALLOWED_MECHANISMS, ecb_only, sizeof(ecb_only)};
+    CK_RV rv;
+
+    ck_assert_uint_eq(p11_hmac_key_create(ctx, AUDIT_LABEL, id), CKR_OK);
+    tok = tm_raw_find(ctx, s, id);
+    ck_assert_uint_eq(p11_hmac_sign(ctx, id, data, sizeof(data), mac), CKR_OK);
+    copy = tm_raw_find_kind(ctx, s, id, CK_FALSE);
+    ck_assert_uint_ne(copy, CK_INVALID_HANDLE);
+    ck_assert_uint_ne(copy, tok);
+    rv = fl->C_GetAttributeValue(s, copy, a, sizeof(a) / sizeof(a[0]));
+    ck_assert_msg(rv == CKR_OK, "C_GetAttributeValue: %s", p11_rv_name(rv));
+    ck_assert(!token && sens && asens && !extr && nextr && sign && !enc);
+    ck_assert_uint_eq(a[7].ulValueLen, sizeof(CK_MECHANISM_TYPE));
+    ck_assert_uint_eq(mechs[0], CKM_SHA256_HMAC);
+    rv = fl->C_GetAttributeValue(s, copy, &v, 1);
+    ck_assert_msg(rv == CKR_ATTRIBUTE_SENSITIVE, "CKA_VALUE of the copy: %s", p11_rv_name(rv));
+    ck_assert_uint_ne(fl->C_SetAttributeValue(s, copy, &ext, 1), CKR_OK);
+    ck_assert_uint_ne(fl->C_SetAttributeValue(s, copy, &nsens, 1), CKR_OK);
+    ck_assert_uint_ne(fl->C_SetAttributeValue(s, copy, &mech, 1), CKR_OK);
+    ck_assert_uint_ne(fl->C_SetAttributeValue(s, tok, &ext, 1), CKR_OK);
+    ck_assert_uint_ne(fl->C_SetAttributeValue(s, tok, &nsens, 1), CKR_OK);
+    ck_assert_uint_ne(fl->C_SetAttributeValue(s, tok, &mech, 1), CKR_OK);
+    ck_assert_msg(fl->C_CopyObject(s, copy, &ext, 1, &again) != CKR_OK, "copied extractable");
+    ck_assert_msg(fl->C_CopyObject(s, tok, &nsens, 1, &again) != CKR_OK, "copied non-sensitive");
+    /* The copy and the token object are one key. */
+    ck_assert_uint_eq(p11_hmac_verify(ctx, id, data, sizeof(data), mac), CKR_OK);
+    fl->C_CloseSession(s);
+    p11_close(ctx);
+}
+END_TEST
+
 START_TEST(not_a_kek_for_reconciliation)
 {
     p11_ctx *ctx = tm_open();
@@ -137,6 +193,7 @@ int main(void)
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, audit_key_attributes);
     tcase_add_test(tc, sign_and_verify);
+    tcase_add_test(tc, audit_key_session_copy);
     tcase_add_test(tc, not_a_kek_for_reconciliation);
     suite_add_tcase(s, tc);
     sr = srunner_create(s);
