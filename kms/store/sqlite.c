@@ -14,7 +14,8 @@
  * connection is used by two threads at once.
  *
  * The writer connection runs with journal_mode=WAL, synchronous=FULL (a
- * commit returns after the WAL is fsynced), secure_delete=ON,
+ * commit returns after the WAL is fsynced), no automatic checkpoint (a
+ * thread of its own does them: sqlite_ckpt.c), secure_delete=ON,
  * foreign_keys=ON, trusted_schema=OFF and a busy timeout.  The database
  * file is created mode 0600 by open(2) before SQLite sees it (no umask
  * games in a threaded process); SQLite gives the -wal and -shm files the
@@ -53,6 +54,7 @@
  * writer thread's own.  Nothing else is shared and mutable after open.
  */
 #include "kms/store/store_internal.h"
+#include "kms/store/sqlite_ckpt.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -294,6 +296,7 @@ typedef struct sq_store {
     sq_conn *free_readers;
     int pool_ok;
     kms_gc *gc;
+    sq_ckpt *ckpt;            /* WAL checkpoints off the writer (sqlite_ckpt.c) */
     atomic_int writer_failed; /* last group failed outside a constraint */
     int wipe_pending;         /* writer thread only: destroyed bytes may be in the WAL */
     int wipe_new;             /* writer thread only: this group destroyed something */
@@ -1349,6 +1352,9 @@ static void sq_free(sq_store *s)
     if (s == NULL)
         return;
     kms_gc_stop(s->gc);
+    if (s->writer.db != NULL)
+        sqlite3_wal_hook(s->writer.db, NULL, NULL);
+    sq_ckpt_stop(s->ckpt);
     for (size_t i = 0; i < SQ_READERS; i++)
         conn_close(&s->readers[i]);
     conn_close(&s->writer);
@@ -1401,6 +1407,14 @@ p11kms_status kms_store_open_sqlite(const char *path, kms_store **out)
         s->readers[i].next_free = s->free_readers;
         s->free_readers = &s->readers[i];
     }
+    /* Checkpoints run on their own thread, not inside a group's commit. */
+    rv = sq_ckpt_start(path, &s->ckpt);
+    if (rv != P11KMS_OK)
+        goto out;
+    rv = exec_simple(s->writer.db, "PRAGMA wal_autocheckpoint = 0");
+    if (rv != P11KMS_OK)
+        goto out;
+    sqlite3_wal_hook(s->writer.db, sq_ckpt_wal_hook, s->ckpt);
     rv = kms_gc_start(&sq_gc_ops, s, &s->gc);
     if (rv != P11KMS_OK)
         goto out;
