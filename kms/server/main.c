@@ -7,7 +7,8 @@
  *
  * The PIN comes from token.pin_file or P11KMS_PIN, never from the command
  * line, and is wiped right after login.  The process is made non-dumpable
- * with no core files and a 077 umask before anything secret is read.
+ * with no core files and a 077 umask before anything secret is read, and
+ * libevent's buffers are wiped when freed (wipealloc.h).
  * Exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 on any error,
  * 2 on bad usage.
  */
@@ -27,6 +28,7 @@
 #include "kms/server/http.h"
 #include "kms/server/tls.h"
 #include "kms/server/rotator.h"
+#include "kms/server/wipealloc.h"
 #include "kms/store/store.h"
 #include "module/log.h"
 #include "module/p11.h"
@@ -216,6 +218,9 @@ int main(int argc, char **argv)
         status = 0;
         goto out;
     }
+    /* libevent's buffers hold request heads (bearer tokens) and replies
+     * (plaintext DEKs): wiped when freed.  Before any libevent call. */
+    kms_wipealloc_install();
     if (evthread_use_pthreads() != 0) {
         fprintf(stderr, "kmsd: cannot enable libevent threading\n");
         goto out;
