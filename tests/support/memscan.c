@@ -2,16 +2,22 @@
  * tests/support/memscan.c - search a whole process's memory for secrets
  * (see memscan.h).
  *
- * Each readable mapping is read through /proc/PID/mem in 1 MiB chunks that
- * overlap by the longest needle, so a copy across a chunk boundary is
- * found too.  A needle of 8 bytes or more that starts at position i holds
- * the aligned 4-byte word at the one multiple of 4 in [i, i+3], at offset
- * 0..3 of the needle.  So a bitmap holds the hashes (20 bits) of the words
- * at offsets 0..3 of every needle, each aligned word of memory is looked
- * up once, and only the rare words that pass are compared with the
- * needles at the four starts they imply: one pass over memory, whatever
- * the number of needles.  The read buffer is an mmap of its own, skipped
- * when the process scans itself, and wiped after each chunk.
+ * Each readable mapping is searched in owned regions of 1 MiB, each read
+ * through /proc/PID/mem with MS_NEEDLE_MAX bytes more on both sides, so a
+ * copy that starts in the region is seen whole and its real start is
+ * known; a copy is reported by the region it starts in, once.
+ *
+ * The search: a fragment of at least min_match >= 8 bytes contains a whole
+ * aligned 4-byte word of memory within its first 7 bytes, equal to the
+ * needle's word at some offset q <= len - min_match + 3.  Those (word,
+ * needle, q) entries are sorted by word, with a bitmap of their hashes
+ * in front; each aligned word of memory is looked up in the bitmap, and
+ * only the rare words that pass are looked up in the entries.  A
+ * candidate is extended byte by byte to its maximal match on both sides
+ * and reported if long enough, from the first aligned word inside it
+ * only (no duplicates).  One pass over memory, whatever the number of
+ * needles.  The read buffer is an mmap of its own, skipped when the
+ * process scans itself, and wiped after each region.
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -27,12 +33,34 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
-#define CHUNK       (1u << 20)
+#define OWN         (1u << 20)
 #define BITMAP_BITS 20
 
 typedef struct range {
     uint64_t lo, hi;
 } range;
+
+typedef struct entry {
+    uint32_t word;
+    uint32_t needle;
+    uint32_t q; /* offset of the word in the needle */
+} entry;
+
+typedef struct scanner {
+    const ms_needle *needles;
+    size_t n;
+    entry *entries;
+    size_t n_entries;
+    uint8_t *bitmap; /* 2^BITMAP_BITS bits */
+    unsigned char *buf;
+    size_t buf_len;
+    range skip[MS_MAX_EXCLUDE + 2];
+    size_t n_skip;
+    ms_result *out;
+    /* the mapping being scanned */
+    const char *perms, *where;
+    uint64_t map_lo, map_hi;
+} scanner;
 
 static range excluded[MS_MAX_EXCLUDE];
 static size_t n_excluded;
@@ -77,35 +105,40 @@ out:
     return ok;
 }
 
-static uint32_t word_hash(const unsigned char *p)
+static uint32_t load_word(const unsigned char *p)
 {
-    uint32_t k;
+    uint32_t w;
 
-    memcpy(&k, p, sizeof(k));
-    return (k * 2654435761u) >> (32 - BITMAP_BITS);
+    memcpy(&w, p, sizeof(w));
+    return w;
 }
 
-typedef struct scanner {
-    const ms_needle *needles;
-    size_t n;
-    size_t longest;
-    uint8_t *bitmap; /* 2^BITMAP_BITS bits */
-    unsigned char *buf;
-    size_t buf_len;
-    range skip[MS_MAX_EXCLUDE + 2];
-    size_t n_skip;
-    ms_result *out;
-} scanner;
+static uint32_t word_hash(uint32_t w)
+{
+    return (w * 2654435761u) >> (32 - BITMAP_BITS);
+}
 
-static void record_hit(scanner *s, size_t needle, uint64_t addr, const unsigned char *chunk,
-                       size_t chunk_len, size_t off, const char *line_perms, const char *where,
-                       uint64_t map_lo, uint64_t map_hi)
+static int entry_cmp(const void *a, const void *b)
+{
+    uint32_t x = ((const entry *)a)->word, y = ((const entry *)b)->word;
+
+    return x < y ? -1 : x > y;
+}
+
+static size_t min_match(const ms_needle *nd)
+{
+    return nd->min_match == 0 || nd->min_match > nd->len ? nd->len : nd->min_match;
+}
+
+/* A match of needle k: buf[a, a+len) == needle[q, q+len), the buffer
+ * holding got bytes of the target from address base. */
+static void record_hit(scanner *s, size_t k, uint64_t base, size_t a, size_t q, size_t len,
+                       size_t got)
 {
     ms_result *r = s->out;
     ms_hit *h;
-    size_t len = s->needles[needle].len;
 
-    if (s->needles[needle].control) {
+    if (s->needles[k].control) {
         r->control_hits++;
         return;
     }
@@ -113,78 +146,87 @@ static void record_hit(scanner *s, size_t needle, uint64_t addr, const unsigned 
     if (r->n_hits > MS_MAX_HITS)
         return;
     h = &r->hits[r->n_hits - 1];
-    h->needle = needle;
-    h->addr = addr;
-    h->map_lo = map_lo;
-    h->map_hi = map_hi;
-    snprintf(h->perms, sizeof(h->perms), "%s", line_perms);
-    snprintf(h->where, sizeof(h->where), "%s", where);
-    h->n_before = off < MS_CONTEXT ? off : MS_CONTEXT;
-    memcpy(h->before, chunk + off - h->n_before, h->n_before);
-    h->n_after = chunk_len - off - len < MS_CONTEXT ? chunk_len - off - len : MS_CONTEXT;
-    memcpy(h->after, chunk + off + len, h->n_after);
+    h->needle = k;
+    h->offset = q;
+    h->len = len;
+    h->addr = base + a;
+    h->map_lo = s->map_lo;
+    h->map_hi = s->map_hi;
+    snprintf(h->perms, sizeof(h->perms), "%s", s->perms);
+    snprintf(h->where, sizeof(h->where), "%s", s->where);
+    h->n_before = a < MS_CONTEXT ? a : MS_CONTEXT;
+    memcpy(h->before, s->buf + a - h->n_before, h->n_before);
+    h->n_after = got - a - len < MS_CONTEXT ? got - a - len : MS_CONTEXT;
+    memcpy(h->after, s->buf + a + len, h->n_after);
 }
 
-/* Search buf[0, len) (target address base) for needles starting before
- * `limit` (later ones are searched with the next chunk). */
-static void search(scanner *s, uint64_t base, size_t len, size_t limit, const char *perms,
-                   const char *where, uint64_t map_lo, uint64_t map_hi)
+/* Search buf[0, got) (target address base) for copies that start in
+ * [own_lo, own_hi). */
+static void search(scanner *s, uint64_t base, size_t got, size_t own_lo, size_t own_hi)
 {
     const unsigned char *b = s->buf;
 
-    for (size_t j = 0; j + 4 <= len && j < limit + 3; j += 4) {
-        uint32_t h = word_hash(b + j);
+    for (size_t j = own_lo & ~(size_t)3; j < own_hi + 3 && j + 4 <= got; j += 4) {
+        uint32_t w = load_word(b + j), h = word_hash(w);
+        size_t lo = 0, hi = s->n_entries;
 
         if (!(s->bitmap[h >> 3] & (1u << (h & 7))))
             continue;
-        for (size_t o = 0; o < 4 && o <= j; o++) {
-            size_t i = j - o;
-            if (i >= limit)
+        while (lo < hi) { /* the first entry of this word */
+            size_t mid = lo + (hi - lo) / 2;
+            if (s->entries[mid].word < w)
+                lo = mid + 1;
+            else
+                hi = mid;
+        }
+        for (size_t e = lo; e < s->n_entries && s->entries[e].word == w; e++) {
+            const entry *en = &s->entries[e];
+            const ms_needle *nd = &s->needles[en->needle];
+            size_t left = 0, right = 0, a, q, len;
+
+            while (left < j && left < en->q && b[j - left - 1] == nd->bytes[en->q - left - 1])
+                left++;
+            while (j + 4 + right < got && en->q + 4 + right < nd->len &&
+                   b[j + 4 + right] == nd->bytes[en->q + 4 + right])
+                right++;
+            a = j - left;
+            q = en->q - left;
+            len = left + 4 + right;
+            /* Long enough, starting in the owned region, and reported from
+             * the first aligned word inside it only. */
+            if (len < min_match(nd) || a < own_lo || a >= own_hi || j != ((a + 3) & ~(size_t)3))
                 continue;
-            for (size_t k = 0; k < s->n; k++) {
-                const ms_needle *nd = &s->needles[k];
-                if (i + nd->len <= len && memcmp(b + i, nd->bytes, nd->len) == 0)
-                    record_hit(s, k, base + i, b, len, i, perms, where, map_lo, map_hi);
-            }
+            record_hit(s, en->needle, base, a, q, len, got);
         }
     }
 }
 
 /* Scan [lo, hi) of the target, which is not excluded. */
-static void scan_range(scanner *s, int fd, uint64_t lo, uint64_t hi, const char *perms,
-                       const char *where, uint64_t map_lo, uint64_t map_hi)
+static void scan_range(scanner *s, int fd, uint64_t lo, uint64_t hi)
 {
-    uint64_t pos = lo;
-    size_t overlap = s->longest - 1;
+    for (uint64_t own = lo; own < hi;) {
+        uint64_t own_end = hi - own < OWN ? hi : own + OWN;
+        uint64_t rd_lo = own - lo < MS_NEEDLE_MAX ? lo : own - MS_NEEDLE_MAX;
+        uint64_t rd_hi = hi - own_end < MS_NEEDLE_MAX ? hi : own_end + MS_NEEDLE_MAX;
+        ssize_t got = pread(fd, s->buf, (size_t)(rd_hi - rd_lo), (off_t)rd_lo);
+        size_t own_lo = (size_t)(own - rd_lo), own_hi = (size_t)(own_end - rd_lo);
 
-    while (pos < hi) {
-        size_t want = hi - pos < s->buf_len ? (size_t)(hi - pos) : s->buf_len;
-        ssize_t got = pread(fd, s->buf, want, (off_t)pos);
-        size_t limit;
-
-        if (got <= 0) {
-            /* Unreadable from here (a guard page, [vvar]): skip a page. */
-            uint64_t next = (pos & ~(uint64_t)4095) + 4096;
-            if (next > hi)
-                next = hi;
-            s->out->bytes_unreadable += next - pos;
-            pos = next;
-            continue;
+        if (got > 0 && (size_t)got < own_hi)
+            own_hi = (size_t)got; /* a short read: the rest is unreadable */
+        if (got <= 0 || (size_t)got <= own_lo) {
+            s->out->bytes_unreadable += own_end - own;
+        } else {
+            search(s, rd_lo, (size_t)got, own_lo, own_hi);
+            s->out->bytes_scanned += own_hi - own_lo;
+            s->out->bytes_unreadable += (own_end - own) - (own_hi - own_lo);
+            explicit_bzero(s->buf, (size_t)got);
         }
-        /* Positions in the overlap are searched with the next chunk,
-         * unless this chunk ends the range. */
-        limit = pos + (uint64_t)got >= hi || (size_t)got <= overlap ? (size_t)got
-                                                                    : (size_t)got - overlap;
-        search(s, pos, (size_t)got, limit, perms, where, map_lo, map_hi);
-        s->out->bytes_scanned += limit;
-        explicit_bzero(s->buf, (size_t)got);
-        pos += limit;
+        own = own_end;
     }
 }
 
-/* Scan a mapping minus the skip ranges (sorted: few, so a simple walk). */
-static void scan_mapping(scanner *s, int fd, uint64_t lo, uint64_t hi, const char *perms,
-                         const char *where)
+/* Scan a mapping minus the skip ranges. */
+static void scan_mapping(scanner *s, int fd, uint64_t lo, uint64_t hi)
 {
     uint64_t pos = lo;
 
@@ -207,9 +249,48 @@ static void scan_mapping(scanner *s, int fd, uint64_t lo, uint64_t hi, const cha
             pos = next;
             continue;
         }
-        scan_range(s, fd, pos, end, perms, where, lo, hi);
+        scan_range(s, fd, pos, end);
         pos = end;
     }
+}
+
+/* The entries and the bitmap of the needles' words.  0 or -1. */
+static int index_needles(scanner *s)
+{
+    size_t cap = 0;
+
+    for (size_t k = 0; k < s->n; k++) {
+        const ms_needle *nd = &s->needles[k];
+        if (nd->len < MS_NEEDLE_MIN || nd->len > MS_NEEDLE_MAX || min_match(nd) < MS_NEEDLE_MIN) {
+            fprintf(stderr, "memscan: needle %s: length or min_match out of [%d, %d]\n", nd->label,
+                    MS_NEEDLE_MIN, MS_NEEDLE_MAX);
+            return -1;
+        }
+        cap += nd->len;
+    }
+    s->entries = calloc(cap, sizeof(entry));
+    s->bitmap = calloc(1, (size_t)1 << (BITMAP_BITS - 3));
+    if (s->entries == NULL || s->bitmap == NULL) {
+        fprintf(stderr, "memscan: out of memory\n");
+        return -1;
+    }
+    for (size_t k = 0; k < s->n; k++) {
+        const ms_needle *nd = &s->needles[k];
+        size_t last = nd->len - min_match(nd) + 3;
+
+        for (size_t q = 0; q <= last && q + 4 <= nd->len; q++) {
+            entry *en = &s->entries[s->n_entries++];
+            uint32_t h;
+
+            en->word = load_word(nd->bytes + q);
+            en->needle = (uint32_t)k;
+            en->q = (uint32_t)q;
+            h = word_hash(en->word);
+            s->bitmap[h >> 3] |= (uint8_t)(1u << (h & 7));
+        }
+    }
+    qsort(s->entries, s->n_entries, sizeof(entry), entry_cmp);
+    return 0;
 }
 
 int ms_scan(pid_t pid, const ms_needle *needles, size_t n, ms_result *out)
@@ -224,32 +305,18 @@ int ms_scan(pid_t pid, const ms_needle *needles, size_t n, ms_result *out)
     s.needles = needles;
     s.n = n;
     s.out = out;
-    for (size_t k = 0; k < n; k++) {
-        if (needles[k].len < MS_NEEDLE_MIN) {
-            fprintf(stderr, "memscan: needle %s is shorter than %d bytes\n", needles[k].label,
-                    MS_NEEDLE_MIN);
-            goto out;
-        }
-        if (needles[k].len > s.longest)
-            s.longest = needles[k].len;
+    s.buf = MAP_FAILED;
+    if (n > MS_MAX_NEEDLES) {
+        fprintf(stderr, "memscan: more than %d needles\n", MS_MAX_NEEDLES);
+        goto out;
     }
-    s.bitmap = calloc(1, (size_t)1 << (BITMAP_BITS - 3));
-    s.buf_len = CHUNK;
+    if (index_needles(&s) != 0)
+        goto out;
+    s.buf_len = OWN + 2 * MS_NEEDLE_MAX;
     s.buf = mmap(NULL, s.buf_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (s.bitmap == NULL || s.buf == MAP_FAILED) {
+    if (s.buf == MAP_FAILED) {
         fprintf(stderr, "memscan: out of memory\n");
-        s.buf = MAP_FAILED;
         goto out;
-    }
-    if (s.longest > s.buf_len / 2) {
-        fprintf(stderr, "memscan: needle too long\n");
-        goto out;
-    }
-    for (size_t k = 0; k < n; k++) {
-        for (size_t o = 0; o < 4; o++) {
-            uint32_t h = word_hash(needles[k].bytes + o);
-            s.bitmap[h >> 3] |= (uint8_t)(1u << (h & 7));
-        }
     }
     if (pid == getpid()) {
         memcpy(s.skip, excluded, n_excluded * sizeof(range));
@@ -293,7 +360,11 @@ int ms_scan(pid_t pid, const ms_needle *needles, size_t n, ms_result *out)
             out->bytes_skipped += hi - lo;
             continue;
         }
-        scan_mapping(&s, fd, lo, hi, perms, where);
+        s.perms = perms;
+        s.where = where;
+        s.map_lo = lo;
+        s.map_hi = hi;
+        scan_mapping(&s, fd, lo, hi);
     }
     rv = 0;
 out:
@@ -303,8 +374,9 @@ out:
         close(fd);
     if (maps != NULL)
         fclose(maps);
-    if (s.buf != NULL && s.buf != MAP_FAILED)
+    if (s.buf != MAP_FAILED)
         munmap(s.buf, s.buf_len);
+    free(s.entries);
     free(s.bitmap);
     return rv;
 }
@@ -326,12 +398,15 @@ void ms_report(FILE *f, const char *title, const ms_needle *needles, const ms_re
             r->bytes_unreadable);
     for (size_t i = 0; i < shown; i++) {
         const ms_hit *h = &r->hits[i];
-        fprintf(f,
-                "  %s at 0x%" PRIx64 " in %s (%s %" PRIx64 "-%" PRIx64 ", +0x%" PRIx64 ")\n    [",
-                needles[h->needle].label, h->addr, h->where, h->perms, h->map_lo, h->map_hi,
-                h->addr - h->map_lo);
+        const ms_needle *nd = &needles[h->needle];
+
+        fprintf(f, "  %s", nd->label);
+        if (h->len < nd->len)
+            fprintf(f, " (bytes %zu-%zu of %zu)", h->offset, h->offset + h->len, nd->len);
+        fprintf(f, " at 0x%" PRIx64 " in %s (%s %" PRIx64 "-%" PRIx64 ", +0x%" PRIx64 ")\n    [",
+                h->addr, h->where, h->perms, h->map_lo, h->map_hi, h->addr - h->map_lo);
         print_bytes(f, h->before, h->n_before);
-        fprintf(f, "<%s>", needles[h->needle].label);
+        fprintf(f, "<%s>", nd->label);
         print_bytes(f, h->after, h->n_after);
         fprintf(f, "]\n");
     }
