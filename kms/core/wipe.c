@@ -1,26 +1,31 @@
 /*
- * kms/server/wipealloc.c - heap memory wiped when released (see
- * wipealloc.h).
+ * kms/core/wipe.c - heap memory wiped when released (see wipe.h).
  *
- * The size of a block is the C library's (malloc_usable_size, which is
- * at least what was asked for; the sanitizers and valgrind answer the
- * size asked for), so no header is added and a block allocated here may
- * be freed by plain free() (libevent hands some to its caller: the line
- * of evbuffer_readln) and the reverse: such a block is just not wiped.
- * No state, no lock: safe from any thread.
+ * The size of a block is the C library's (malloc_usable_size: at least
+ * what was asked for; the sanitizers and valgrind answer exactly that),
+ * so no header is added and blocks mix freely with malloc/free.
  */
-#include "kms/server/wipealloc.h"
+#include "kms/core/wipe.h"
 
 #include <malloc.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include <event2/event.h>
 #include <openssl/crypto.h>
 
 void *kms_wipe_malloc(size_t n)
 {
     return malloc(n);
+}
+
+void *kms_wipe_calloc(size_t n, size_t size)
+{
+    return calloc(n, size);
+}
+
+char *kms_wipe_strdup(const char *s)
+{
+    return strdup(s);
 }
 
 void kms_wipe_free(void *p)
@@ -51,9 +56,4 @@ void *kms_wipe_realloc(void *p, size_t n)
     memcpy(q, p, have);
     kms_wipe_free(p);
     return q;
-}
-
-void kms_wipealloc_install(void)
-{
-    event_set_mem_functions(kms_wipe_malloc, kms_wipe_realloc, kms_wipe_free);
 }
