@@ -58,6 +58,11 @@
  *                       (default: none; HANG_MS alone does nothing)
  *   P11SHIM_STATS_SNAPSHOT  a file rewritten with the counts so far (the
  *                       P11SHIM_STATS lines) after every C_Finalize
+ *   P11SHIM_SESSIONS_FILE   a file rewritten with "sessions_open <n>" and
+ *                       "sessions_max <n>" (sessions open in the real
+ *                       module now, and the most at once) after every
+ *                       C_OpenSession, C_CloseSession, C_CloseAllSessions
+ *                       and C_Finalize that succeeds
  *   P11SHIM_HANG_FILE   when set, a call hangs only while this file
  *                       exists, and stops hanging as soon as it is removed
  *
@@ -697,15 +702,73 @@ static void write_stats(const char *path, const char *mode)
     fclose(f);
 }
 
-/* P11SHIM_STATS_SNAPSHOT: the counts so far, rewritten (temp file and
- * rename) after every C_Finalize, for a process that keeps the shim
- * loaded (p11-kit does not always unload it). */
+/* P11SHIM_SESSIONS_FILE: the sessions open in the real module now and the
+ * most ever open at once, rewritten (temp file and rename) after every
+ * change.  Session calls are rare (a pool keeps them), so a lock here
+ * costs nothing on the hot path. */
+static pthread_mutex_t sessions_mu = PTHREAD_MUTEX_INITIALIZER;
+static long sessions_open, sessions_max;
+
+static void sessions_changed(long delta, int none_left)
+{
+    const char *path = env_str("P11SHIM_SESSIONS_FILE");
+    char tmp[4096];
+    FILE *f;
+
+    pthread_mutex_lock(&sessions_mu);
+    sessions_open = none_left ? 0 : sessions_open + delta;
+    if (sessions_open > sessions_max)
+        sessions_max = sessions_open;
+    if (path != NULL && snprintf(tmp, sizeof(tmp), "%s.tmp", path) < (int)sizeof(tmp) &&
+        (f = fopen(tmp, "w")) != NULL) {
+        fprintf(f, "sessions_open %ld\nsessions_max %ld\n", sessions_open, sessions_max);
+        fclose(f);
+        if (rename(tmp, path) != 0)
+            fprintf(stderr, "p11shim: cannot write %s\n", path);
+    }
+    pthread_mutex_unlock(&sessions_mu);
+}
+
+static CK_RV hook_C_OpenSession(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app, CK_NOTIFY notify,
+                                CK_SESSION_HANDLE_PTR session)
+{
+    CK_RV rv = shim_C_OpenSession(slot, flags, app, notify, session);
+
+    if (rv == CKR_OK)
+        sessions_changed(1, 0);
+    return rv;
+}
+
+static CK_RV hook_C_CloseSession(CK_SESSION_HANDLE session)
+{
+    CK_RV rv = shim_C_CloseSession(session);
+
+    if (rv == CKR_OK)
+        sessions_changed(-1, 0);
+    return rv;
+}
+
+static CK_RV hook_C_CloseAllSessions(CK_SLOT_ID slot)
+{
+    CK_RV rv = shim_C_CloseAllSessions(slot);
+
+    if (rv == CKR_OK) /* one token behind the shim */
+        sessions_changed(0, 1);
+    return rv;
+}
+
+/* C_Finalize closes every session (P11SHIM_SESSIONS_FILE), and
+ * P11SHIM_STATS_SNAPSHOT rewrites the counts so far (temp file and
+ * rename), for a process that keeps the shim loaded (p11-kit does not
+ * always unload it). */
 static CK_RV hook_C_Finalize(CK_VOID_PTR reserved)
 {
     CK_RV rv = shim_C_Finalize(reserved);
     const char *snap = env_str("P11SHIM_STATS_SNAPSHOT");
     char tmp[4096];
 
+    if (rv == CKR_OK && env_str("P11SHIM_SESSIONS_FILE") != NULL)
+        sessions_changed(0, 1);
     if (snap != NULL && snprintf(tmp, sizeof(tmp), "%s.tmp", snap) < (int)sizeof(tmp)) {
         write_stats(tmp, "w");
         if (rename(tmp, snap) != 0)
@@ -748,8 +811,13 @@ static CK_RV hook_C_GetSlotInfo(CK_SLOT_ID slot, CK_SLOT_INFO_PTR info)
 
 static void shim_install_hooks(void)
 {
-    if (env_str("P11SHIM_STATS_SNAPSHOT") != NULL)
+    if (env_str("P11SHIM_STATS_SNAPSHOT") != NULL || env_str("P11SHIM_SESSIONS_FILE") != NULL)
         shim_list.C_Finalize = hook_C_Finalize;
+    if (env_str("P11SHIM_SESSIONS_FILE") != NULL) {
+        shim_list.C_OpenSession = hook_C_OpenSession;
+        shim_list.C_CloseSession = hook_C_CloseSession;
+        shim_list.C_CloseAllSessions = hook_C_CloseAllSessions;
+    }
     if (S.flags_set != 0 || S.flags_clear != 0)
         shim_list.C_GetTokenInfo = hook_C_GetTokenInfo;
     if (S.gone_file != NULL) {
