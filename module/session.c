@@ -13,7 +13,11 @@
  * Recovery: a failed operation is classified; a lost session drops it (and
  * every idle session, by bumping pool_gen), a stale object handle drops the
  * session and the KEK handle cache, a lost device re-initialises the
- * module under the write lock.  Then the operation runs once more.
+ * module under the write lock.  Then the operation runs once more.  A
+ * session whose operation failed in any way is closed, never pooled: it
+ * may still have an operation active (a token should end it on error, but
+ * a network HSM whose request was lost on the way has not seen the
+ * error), which would fail the next C_*Init of whoever takes it.
  *
  * Locking: see internal.h.  Operations hold ctx->lock for reading;
  * pool_mu only guards the stack and counters and is never held across a
@@ -305,7 +309,7 @@ static CK_RV attempt(p11_ctx *ctx, p11_op_fn op, void *arg, enum action *act, in
     rv = op(ctx, s, arg, &flags);
     *act = classify(rv, flags);
     switch (*act) {
-    case ACT_DONE: release(ctx, s, pool_gen, 0, 0); break;
+    case ACT_DONE: release(ctx, s, pool_gen, rv != CKR_OK, 0); break;
     case ACT_SESSION:
         release(ctx, s, pool_gen, 1, 1);
         flush_idle(ctx);

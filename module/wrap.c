@@ -12,6 +12,10 @@
  * 2.6.1 says CKR_GENERAL_ERROR for a bad tag, wrong AAD or wrong key
  * (tests/test_module_token.c, test_softhsm_bad_tag_rv checks it); PKCS#11
  * 3.0 tokens say CKR_AEAD_DECRYPT_FAILED, others CKR_ENCRYPTED_DATA_INVALID.
+ * CKR_GENERAL_ERROR and CKR_FUNCTION_FAILED may as well be a passing device
+ * fault, so after one of those the unwrap runs once more (GCM verifies the
+ * tag: a success is right) and only a second failure is reported as an
+ * authentication failure -- which callers treat as corrupted data.
  * SoftHSM2 also wants output room for ciphertext || tag, so a caller's
  * buffer of exactly the plaintext size is served by a wiped scratch
  * buffer (on the stack for DEK-sized blobs).
@@ -61,7 +65,8 @@ struct gcm_arg {
     const unsigned char *in;
     size_t in_len;
     unsigned char *out;
-    size_t out_len; /* capacity on entry, length written on success */
+    size_t out_len;  /* capacity on entry, length written on success */
+    CK_RV module_rv; /* unwrap: what C_Decrypt said */
 };
 
 static void gcm_params(CK_GCM_PARAMS *p, unsigned char *iv, const struct gcm_arg *arg)
@@ -110,7 +115,7 @@ CK_RV p11_wrap(p11_ctx *ctx, const unsigned char kek_id[P11_KEK_ID_LEN], const u
 {
     CK_RV rv = CKR_ARGUMENTS_BAD;
     static const unsigned char empty[1];
-    struct gcm_arg arg = {kek_id, aad, aad_len, pt ? pt : empty, pt_len, out, 0};
+    struct gcm_arg arg = {kek_id, aad, aad_len, pt ? pt : empty, pt_len, out, 0, CKR_OK};
 
     if (ctx == NULL || kek_id == NULL || (aad == NULL && aad_len > 0) ||
         (pt == NULL && pt_len > 0) || out == NULL || out_len == NULL ||
@@ -258,6 +263,7 @@ static CK_RV op_unwrap(p11_ctx *ctx, CK_SESSION_HANDLE s, void *argp, int *flags
      * logged below as what it is. */
     rv = P11_CALL_QUIET(ctx, C_Decrypt, s, (CK_BYTE_PTR)arg->in + P11_GCM_IV_LEN, ct_len, buf,
                         &pt_len);
+    arg->module_rv = rv;
     if (is_auth_failure(rv)) {
         LOG_WARN(P11_LOG_SUB, "C_Decrypt: AES-GCM authentication failed (module said %s)",
                  p11_rv_name(rv));
@@ -290,7 +296,7 @@ CK_RV p11_unwrap(p11_ctx *ctx, const unsigned char kek_id[P11_KEK_ID_LEN], const
 {
     CK_RV rv = CKR_ARGUMENTS_BAD;
     unsigned char empty[1]; /* never pass NULL: that is a length query */
-    struct gcm_arg arg = {kek_id, aad, aad_len, in, in_len, empty, sizeof(empty)};
+    struct gcm_arg arg = {kek_id, aad, aad_len, in, in_len, empty, sizeof(empty), CKR_OK};
     size_t cap = 0;
 
     if (ctx == NULL || kek_id == NULL || (aad == NULL && aad_len > 0) || in == NULL ||
@@ -310,6 +316,12 @@ CK_RV p11_unwrap(p11_ctx *ctx, const unsigned char kek_id[P11_KEK_ID_LEN], const
         arg.out_len = cap;
     }
     rv = p11_run(ctx, op_unwrap, &arg);
+    if (rv == CKR_ENCRYPTED_DATA_INVALID &&
+        (arg.module_rv == CKR_GENERAL_ERROR || arg.module_rv == CKR_FUNCTION_FAILED)) {
+        LOG_WARN(P11_LOG_SUB, "C_Decrypt said %s: maybe a device fault; unwrapping once more",
+                 p11_rv_name(arg.module_rv));
+        rv = p11_run(ctx, op_unwrap, &arg);
+    }
     if (rv != CKR_OK)
         goto out;
     *pt_len = arg.out_len;

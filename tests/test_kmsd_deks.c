@@ -6,9 +6,11 @@
  * pairs (only matching DEKs touched, the others still decrypt), cursor
  * pagination over 1 000 DEKs issued over HTTP, the wipe of a destroyed
  * DEK's wrapped bytes from kms.db and kms.db-wal, a flipped byte in a
- * stored wrapped DEK answering 500 integrity_failure, and every error
- * path of the new routes.  One kmsd serves the suite (the integrity test
- * restarts it).
+ * stored wrapped DEK answering 500 integrity_failure, what a database
+ * writer can do (wrapped bytes moved to another DEK's row fail the same
+ * way; a revoked DEK set active again in the database decrypts: the
+ * store is trusted for DEK state), and every error path of the new
+ * routes.  One kmsd serves the suite (the integrity tests restart it).
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -630,6 +632,43 @@ START_TEST(flipped_byte_is_integrity_failure)
 }
 END_TEST
 
+/* What someone who can write the database can and cannot do
+ * (docs/security.md): wrapped bytes moved to another DEK's row never
+ * unwrap (the AAD binds the DEK id, key, version and context), but the
+ * DEK's state is the store's word: setting a revoked DEK back to active
+ * makes it decrypt again.  The audit log keeps the revocation. */
+START_TEST(store_writer_moves_and_unrevokes)
+{
+    char a[KMS_DEK_ID_LEN + 1], b[KMS_DEK_ID_LEN + 1], sql[256];
+    unsigned char w[128];
+    size_t len;
+
+    create_key("writer");
+    generate("writer", "{\"customer\":\"7\"}", a);
+    generate("writer", "{\"customer\":\"7\"}", b);
+    json_decref(revoke_one(a, "compromised", 200));
+    expect_decrypt(a, "{\"customer\":\"7\"}", 403, "dek_revoked");
+
+    ck_assert_int_eq(kh_stop(&K, SIGTERM), 0);
+    len = read_wrapped(a, w);
+    ck_assert_int_eq(ts_db_wrapped_set(&K.store, b, w, len), 0);
+    snprintf(sql, sizeof(sql),
+             "UPDATE deks SET state = 'active', revoked_at = NULL, revoke_reason = NULL "
+             "WHERE id = '%s'",
+             a);
+    ck_assert_int_eq(ts_db_exec(&K.store, sql), 0);
+    ck_assert_int_eq(kh_start(&K), 0);
+
+    /* A's wrapped bytes in B's row: an authentication failure, not A's key. */
+    expect_decrypt(b, "{\"customer\":\"7\"}", 500, "integrity_failure");
+    /* A, revoked through the API and set active in the database, decrypts. */
+    expect_decrypt(a, "{\"customer\":\"7\"}", 200, NULL);
+    ck_assert_int_ge(ts_db_int(&K.store, "SELECT count(*) FROM audit WHERE operation = "
+                                         "'datakey.revoke' AND result = 'ok'"),
+                     1);
+}
+END_TEST
+
 /* ---- errors ------------------------------------------------------------- */
 
 #define MISSING "0b5e2a5c-6a4e-4f51-9e0e-5f7a8c9d0e1f"
@@ -883,6 +922,7 @@ static Suite *suite(void)
     tcase_add_checked_fixture(tc, start, stop);
     tcase_set_timeout(tc, 120);
     tcase_add_test(tc, flipped_byte_is_integrity_failure);
+    tcase_add_test(tc, store_writer_moves_and_unrevokes);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -14,7 +14,13 @@
  *  - a login refused after a re-initialisation (wrong PIN) is never tried
  *    again (C_Login called twice in all, however many operations follow);
  *  - P11SHIM_HANG_MS / P11SHIM_HANG_FILE: a call hangs only while the file
- *    exists.
+ *    exists;
+ *  - CKR_GENERAL_ERROR from C_Decrypt (what SoftHSM2 says for a bad tag,
+ *    but maybe a passing fault) is unwrapped once more: one such fault
+ *    still unwraps, two are an authentication failure;
+ *  - a session whose C_Encrypt failed (the token did not see the failure,
+ *    so its operation is still active) is closed, not pooled: the next
+ *    wraps never meet CKR_OPERATION_ACTIVE.
  *
  * Each test runs in its own process (check forks), so each sets its
  * P11SHIM_* variables before the shim is loaded.
@@ -290,6 +296,87 @@ START_TEST(test_hang)
 }
 END_TEST
 
+/* ---- unwrap after an ambiguous failure ---------------------------------------- */
+
+static uint64_t module_errors(p11_ctx *ctx, CK_RV rv)
+{
+    p11_stats st;
+
+    p11_stats_get(ctx, &st);
+    for (size_t i = 0; i < st.n_errors; i++)
+        if (st.errors[i].rv == rv)
+            return st.errors[i].count;
+    return 0;
+}
+
+START_TEST(test_decrypt_general_error_retried)
+{
+    p11_ctx *ctx = NULL;
+    unsigned char id[P11_KEK_ID_LEN], dek[32], blob[32 + P11_WRAP_OVERHEAD], back[32];
+    unsigned char zero[32];
+    size_t blen = sizeof(blob), plen = sizeof(back);
+    int faults = _i + 1; /* 1: retried and unwrapped; 2: an authentication failure */
+    CK_RV rv;
+
+    shim_env();
+    setenv("P11SHIM_FAIL_FUNCS", "C_Decrypt", 1);
+    setenv("P11SHIM_FAIL_RV", "CKR_GENERAL_ERROR", 1);
+    setenv("P11SHIM_FAIL_NTH", "1", 1);
+    setenv("P11SHIM_FAIL_COUNT", faults == 1 ? "1" : "2", 1);
+    ck_assert_uint_eq(try_open(TT_PIN, &ctx), CKR_OK);
+    ck_assert_uint_eq(p11_kek_create(ctx, "p11kms-faults", id), CKR_OK);
+    ck_assert_uint_eq(p11_generate_and_wrap(ctx, id, AAD, sizeof(AAD), 32, dek, blob, &blen),
+                      CKR_OK);
+    rv = p11_unwrap(ctx, id, AAD, sizeof(AAD), blob, blen, back, &plen);
+    if (faults == 1) {
+        ck_assert_msg(rv == CKR_OK, "one CKR_GENERAL_ERROR: %s", p11_rv_name(rv));
+        ck_assert_int_eq(memcmp(dek, back, sizeof(dek)), 0);
+    } else {
+        ck_assert_msg(rv == CKR_ENCRYPTED_DATA_INVALID, "two CKR_GENERAL_ERROR: %s",
+                      p11_rv_name(rv));
+        memset(zero, 0, sizeof(zero));
+        ck_assert_int_eq(memcmp(back, zero, sizeof(back)), 0); /* wiped */
+    }
+    /* The failed sessions were not reused with their operation active. */
+    plen = sizeof(back);
+    ck_assert_uint_eq(p11_unwrap(ctx, id, AAD, sizeof(AAD), blob, blen, back, &plen), CKR_OK);
+    ck_assert_int_eq(memcmp(dek, back, sizeof(dek)), 0);
+    ck_assert_uint_eq(module_errors(ctx, CKR_OPERATION_ACTIVE), 0);
+    p11_close(ctx);
+    ck_assert_int_eq(stats_calls("C_Decrypt"), 3);
+    ck_assert_int_eq(stats_calls("faults:C_Decrypt"), faults);
+}
+END_TEST
+
+START_TEST(test_failed_session_not_reused)
+{
+    p11_ctx *ctx = NULL;
+    unsigned char id[P11_KEK_ID_LEN];
+    int failed = 0;
+
+    shim_env();
+    setenv("P11SHIM_FAIL_FUNCS", "C_Encrypt", 1);
+    setenv("P11SHIM_FAIL_RV", "CKR_GENERAL_ERROR", 1); /* not retried */
+    setenv("P11SHIM_FAIL_NTH", "2", 1);
+    setenv("P11SHIM_FAIL_COUNT", "1", 1);
+    ck_assert_uint_eq(try_open(TT_PIN, &ctx), CKR_OK);
+    ck_assert_uint_eq(p11_kek_create(ctx, "p11kms-faults", id), CKR_OK);
+    for (int i = 0; i < 6; i++) {
+        unsigned char dek[32], blob[32 + P11_WRAP_OVERHEAD];
+        size_t blen = sizeof(blob);
+        CK_RV rv = p11_generate_and_wrap(ctx, id, AAD, sizeof(AAD), 32, dek, blob, &blen);
+
+        ck_assert_msg(rv == CKR_OK || (i == 1 && rv == CKR_GENERAL_ERROR), "wrap %d: %s", i,
+                      p11_rv_name(rv));
+        failed += rv != CKR_OK;
+    }
+    ck_assert_int_eq(failed, 1);
+    ck_assert_uint_eq(module_errors(ctx, CKR_OPERATION_ACTIVE), 0);
+    p11_close(ctx);
+    ck_assert_int_eq(stats_calls("C_EncryptInit"), 6);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("module_faults");
@@ -303,6 +390,8 @@ static Suite *suite(void)
     tcase_add_loop_test(tc, test_token_gone_and_back, 0, 2);
     tcase_add_test(tc, test_refused_relogin_never_retried);
     tcase_add_test(tc, test_hang);
+    tcase_add_loop_test(tc, test_decrypt_general_error_retried, 0, 2);
+    tcase_add_test(tc, test_failed_session_not_reused);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -3,7 +3,8 @@
  * front of SoftHSM2: a complete 2.40 function list, only C_GetFunctionList
  * exported, p11_open and wraps through it, the delay applied, delayed calls
  * from 8 threads overlapping (the shim must not serialise), and injected
- * faults on the Nth call and at a rate.
+ * faults on the Nth call and at a rate, armed by a file, drawn from a list
+ * of CK_RVs and counted in the statistics.
  *
  * Functional checks of the shim with generous bounds, not performance
  * assertions.  Each test runs in its own process (check forks), so each
@@ -299,6 +300,83 @@ START_TEST(test_shim_fail_rate)
 }
 END_TEST
 
+/* A "name number" line of a P11SHIM_STATS file; -1 if absent. */
+static long stats_value(const char *path, const char *name)
+{
+    FILE *f = fopen(path, "r");
+    char key[64];
+    unsigned long n;
+    long v = -1;
+
+    if (f == NULL)
+        return -1;
+    while (fscanf(f, "%63s %lu", key, &n) == 2)
+        if (strcmp(key, name) == 0)
+            v = (long)n;
+    fclose(f);
+    return v;
+}
+
+/* P11SHIM_FAIL_FILE arms the faults from outside; P11SHIM_FAIL_RV may
+ * name several CK_RVs; the statistics count the faults per function and
+ * per CK_RV. */
+START_TEST(test_shim_fail_file_rv_list)
+{
+    static const char *const names[] = {"CKR_DEVICE_ERROR", "CKR_SESSION_HANDLE_INVALID",
+                                        "CKR_GENERAL_ERROR"};
+    static const CK_RV rvs[] = {CKR_DEVICE_ERROR, CKR_SESSION_HANDLE_INVALID, CKR_GENERAL_ERROR};
+    char fail_file[400], stats[400], key[64];
+    int seen[3] = {0, 0, 0};
+    long total = 0;
+    p11_ctx *ctx;
+    CK_FUNCTION_LIST *fl;
+    CK_SESSION_HANDLE s;
+    unsigned char buf[16];
+
+    snprintf(fail_file, sizeof(fail_file), "%s/fail.on", tm_token.dir);
+    snprintf(stats, sizeof(stats), "%s/shim.stats", tm_token.dir);
+    shim_env("0", NULL);
+    setenv("P11SHIM_FAIL_FUNCS", "C_GenerateRandom", 1);
+    setenv("P11SHIM_FAIL_RATE", "1", 1);
+    setenv("P11SHIM_FAIL_RV", "CKR_DEVICE_ERROR,CKR_SESSION_HANDLE_INVALID, CKR_GENERAL_ERROR", 1);
+    setenv("P11SHIM_FAIL_FILE", fail_file, 1);
+    setenv("P11SHIM_STATS_SNAPSHOT", stats, 1);
+    ctx = shim_open();
+    fl = p11_function_list(ctx);
+    s = tm_raw_session(ctx);
+    for (int i = 0; i < 20; i++) /* not armed */
+        ck_assert_uint_eq(fl->C_GenerateRandom(s, buf, sizeof(buf)), CKR_OK);
+    {
+        FILE *f = fopen(fail_file, "w");
+        ck_assert_ptr_nonnull(f);
+        fclose(f);
+    }
+    for (int i = 0; i < 300; i++) {
+        CK_RV rv = fl->C_GenerateRandom(s, buf, sizeof(buf));
+        int k;
+        for (k = 0; k < 3 && rvs[k] != rv; k++)
+            ;
+        ck_assert_msg(k < 3, "armed call %d: %s", i, p11_rv_name(rv));
+        seen[k]++;
+    }
+    ck_assert_int_eq(unlink(fail_file), 0);
+    for (int i = 0; i < 20; i++) /* disarmed */
+        ck_assert_uint_eq(fl->C_GenerateRandom(s, buf, sizeof(buf)), CKR_OK);
+    for (int k = 0; k < 3; k++)
+        ck_assert_msg(seen[k] > 0, "%s never injected in 300 faults", names[k]);
+    fl->C_CloseSession(s);
+    p11_close(ctx); /* C_Finalize writes the snapshot */
+    ck_assert_int_eq(stats_value(stats, "faults:C_GenerateRandom"), 300);
+    for (int k = 0; k < 3; k++) {
+        snprintf(key, sizeof(key), "faults:%s", names[k]);
+        ck_assert_int_eq(stats_value(stats, key), seen[k]);
+        total += seen[k];
+    }
+    ck_assert_int_eq(total, 300);
+    ck_assert_int_ge(stats_value(stats, "C_GenerateRandom"), 340);
+}
+END_TEST
+
 static Suite *shim_suite(void)
 {
     Suite *s = suite_create("p11shim");
@@ -313,6 +391,7 @@ static Suite *shim_suite(void)
     tcase_add_test(tc, test_shim_delay_concurrent);
     tcase_add_test(tc, test_shim_fail_nth);
     tcase_add_test(tc, test_shim_fail_rate);
+    tcase_add_test(tc, test_shim_fail_file_rv_list);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -24,7 +24,11 @@
  *   - Secrets: the plaintext bytes of a data key live in a buffer locked in
  *     memory (mlock, where RLIMIT_MEMLOCK allows) and excluded from core
  *     dumps, and are wiped by p11kms_data_key_free.  Response buffers that
- *     held plaintext are wiped before they are released.
+ *     held plaintext are wiped before they are released, libcurl's and
+ *     jansson's included: the first p11kms_client_open gives them wiping
+ *     allocation functions.  libcurl takes those only from whoever
+ *     initialises it first: open the first client before the application
+ *     calls curl_global_init itself (docs/client.md).
  */
 #ifndef P11KMS_CLIENT_H
 #define P11KMS_CLIENT_H

@@ -6,19 +6,33 @@
  * A p11kms_client owns one CURL easy handle, so its connection to kmsd (Unix
  * socket or TLS) is reused across calls; it is not thread-safe (one client
  * per thread).  curl_global_init runs once per process under pthread_once.
- * Response bodies may carry plaintext DEKs: the receive buffer grows by
- * copy-wipe-free, never realloc, and is wiped after every call.
+ *
+ * Response bodies may carry plaintext DEKs, and every library that moves
+ * one copies it: libcurl into its receive buffer, OpenSSL into its TLS
+ * read buffer (records are decrypted in place), jansson into its lexer's
+ * buffers, each released without wiping.  So the library initialises
+ * libcurl with the wiping allocator of kms/core/wipe.h
+ * (curl_global_init_mem), gives jansson the same (only over jansson's
+ * default malloc/free, never over an application's own), and sets
+ * SSL_OP_CLEANSE_PLAINTEXT on libcurl's TLS contexts.  Our own receive
+ * buffer grows by copy-wipe-free, never realloc, and is wiped after every
+ * call.  If the application initialised libcurl before the library did,
+ * libcurl keeps its allocator and its freed buffers are not wiped
+ * (kms_client_wipes_libcurl tells; docs/client.md).
  */
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include <curl/curl.h>
 #include <openssl/crypto.h>
+#include <openssl/ssl.h>
 #include <pthread.h>
 
 #include "kms/client/internal.h"
+#include "kms/core/wipe.h"
 
 struct p11kms_client {
     CURL *curl;
@@ -36,10 +50,63 @@ struct p11kms_client {
 
 static pthread_once_t global_once = PTHREAD_ONCE_INIT;
 static CURLcode global_rc = CURLE_FAILED_INIT;
+static atomic_int curl_wiped; /* libcurl allocates through the functions below */
+
+/* libcurl's allocation functions: the wiping ones, noting that libcurl
+ * uses them. */
+static void *curl_malloc(size_t n)
+{
+    atomic_store_explicit(&curl_wiped, 1, memory_order_relaxed);
+    return kms_wipe_malloc(n);
+}
+
+static void *curl_realloc(void *p, size_t n)
+{
+    atomic_store_explicit(&curl_wiped, 1, memory_order_relaxed);
+    return kms_wipe_realloc(p, n);
+}
+
+static char *curl_strdup(const char *str)
+{
+    atomic_store_explicit(&curl_wiped, 1, memory_order_relaxed);
+    return kms_wipe_strdup(str);
+}
+
+static void *curl_calloc(size_t n, size_t size)
+{
+    atomic_store_explicit(&curl_wiped, 1, memory_order_relaxed);
+    return kms_wipe_calloc(n, size);
+}
 
 static void global_init(void)
 {
-    global_rc = curl_global_init(CURL_GLOBAL_DEFAULT);
+    json_malloc_t jm = NULL;
+    json_free_t jf = NULL;
+
+    json_get_alloc_funcs(&jm, &jf);
+    if (jm == malloc && jf == free)
+        json_set_alloc_funcs(kms_wipe_malloc, kms_wipe_free);
+    /* Has no effect (and says CURLE_OK) when libcurl is initialised already. */
+    global_rc = curl_global_init_mem(CURL_GLOBAL_DEFAULT, curl_malloc, kms_wipe_free, curl_realloc,
+                                     curl_strdup, curl_calloc);
+    if (global_rc == CURLE_OK) /* allocates: through ours if they are in */
+        curl_free(curl_easy_escape(NULL, "p11kms", 6));
+}
+
+int kms_client_wipes_libcurl(void)
+{
+    pthread_once(&global_once, global_init);
+    return atomic_load(&curl_wiped);
+}
+
+/* CURLOPT_SSL_CTX_FUNCTION: OpenSSL decrypts a record in place in its read
+ * buffer and keeps it there; have it wipe the plaintext once read. */
+static CURLcode cleanse_plaintext(CURL *curl, void *sslctx, void *arg)
+{
+    (void)curl;
+    (void)arg;
+    SSL_CTX_set_options((SSL_CTX *)sslctx, SSL_OP_CLEANSE_PLAINTEXT);
+    return CURLE_OK;
 }
 
 void p11kms_client_options_init(p11kms_client_options *o)
@@ -166,6 +233,8 @@ p11kms_status p11kms_client_open_options(const char *target, const p11kms_client
             curl_easy_setopt(c->curl, CURLOPT_SSL_VERIFYHOST, 2L) != CURLE_OK ||
             curl_easy_setopt(c->curl, CURLOPT_TCP_KEEPALIVE, 1L) != CURLE_OK)
             goto out;
+        /* OpenSSL builds of libcurl only; other TLS backends refuse it. */
+        (void)curl_easy_setopt(c->curl, CURLOPT_SSL_CTX_FUNCTION, cleanse_plaintext);
         /* CURLOPT_* string options are copied by libcurl. */
         if (o.ca_file != NULL && curl_easy_setopt(c->curl, CURLOPT_CAINFO, o.ca_file) != CURLE_OK)
             goto out;

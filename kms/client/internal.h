@@ -63,6 +63,12 @@ p11kms_status kms_data_key_new(const char *dek_id, const char *key, unsigned int
  * reply) so jansson frees wiped memory. */
 void kms_json_wipe_string(json_t *s);
 
+/* 1 if libcurl allocates through the wiping allocator (kms/core/wipe.h):
+ * the library initialised libcurl first in this process.  0 when the
+ * application had initialised it before (then libcurl's freed receive
+ * buffers are not wiped).  Initialises the library. */
+int kms_client_wipes_libcurl(void);
+
 /* Page-aligned memory locked in RAM where possible and excluded from core
  * dumps; kms_secure_free wipes it.  len must be the same in both. */
 void *kms_secure_alloc(size_t len);

@@ -308,31 +308,42 @@ out:
 static int first_line_may_be_valid(struct evbuffer *src)
 {
     char line[sizeof(((head_info *)0)->method) + TARGET_MAX + 16];
-    size_t n, i;
+    size_t n = 0, i;
     ev_ssize_t got = evbuffer_copyout(src, line, sizeof(line) - 1);
     head_info h;
+    int ok = 1;
 
     if (got <= 0)
-        return 1;
+        goto out;
     n = (size_t)got;
     for (i = 0; i < n && line[i] != '\n'; i++) {
         unsigned char c = (unsigned char)line[i];
         if (c == '\r' && (i + 1 == n || line[i + 1] == '\n'))
             continue; /* CR LF, or a CR whose LF is on its way */
-        if (c < 0x20 || c >= 0x7f || (c == ' ' && i == 0))
-            return 0;
+        if (c < 0x20 || c >= 0x7f || (c == ' ' && i == 0)) {
+            ok = 0;
+            goto out;
+        }
     }
-    if (i == n) /* no line end yet: the method must end within 16 bytes */
-        return n < sizeof(line) - 1 &&
-               (n < sizeof(h.method) || memchr(line, ' ', sizeof(h.method)) != NULL);
+    if (i == n) { /* no line end yet: the method must end within 16 bytes */
+        ok = n < sizeof(line) - 1 &&
+             (n < sizeof(h.method) || memchr(line, ' ', sizeof(h.method)) != NULL);
+        goto out;
+    }
     if (i > 0 && line[i - 1] == '\r')
         i--;
-    if (i == 0)
-        return 0; /* an empty first line (parse_head refuses it too) */
+    if (i == 0) {
+        ok = 0; /* an empty first line (parse_head refuses it too) */
+        goto out;
+    }
     line[i] = '\0';
     memset(&h, 0, sizeof(h));
     parse_request_line(line, &h);
-    return h.have_line;
+    ok = h.have_line;
+out:
+    /* The copy may reach into the headers (an Authorization header). */
+    OPENSSL_cleanse(line, n);
+    return ok;
 }
 
 static enum bufferevent_filter_result framing_in(struct evbuffer *src, struct evbuffer *dst,

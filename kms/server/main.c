@@ -7,7 +7,8 @@
  *
  * The PIN comes from token.pin_file or P11KMS_PIN, never from the command
  * line, and is wiped right after login.  The process is made non-dumpable
- * with no core files and a 077 umask before anything secret is read.
+ * with no core files and a 077 umask before anything secret is read, and
+ * libevent's buffers are wiped when freed (kms/core/wipe.h).
  * Exit status: 0 after a clean stop (SIGTERM/SIGINT), 1 on any error,
  * 2 on bad usage.
  */
@@ -20,9 +21,11 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 
+#include <event2/event.h>
 #include <event2/thread.h>
 
 #include "kms/core/core.h"
+#include "kms/core/wipe.h"
 #include "kms/server/config.h"
 #include "kms/server/http.h"
 #include "kms/server/tls.h"
@@ -216,6 +219,10 @@ int main(int argc, char **argv)
         status = 0;
         goto out;
     }
+    /* libevent's buffers hold request heads (bearer tokens) and replies
+     * (plaintext DEKs): wiped when freed (kms/core/wipe.h).  Before any
+     * other libevent call. */
+    event_set_mem_functions(kms_wipe_malloc, kms_wipe_realloc, kms_wipe_free);
     if (evthread_use_pthreads() != 0) {
         fprintf(stderr, "kmsd: cannot enable libevent threading\n");
         goto out;

@@ -74,6 +74,10 @@ p11kms_status kms_tls_new(const kms_config *cfg, kms_tls **out, char *err, size_
     }
     SSL_CTX_set_options(tls->ctx, SSL_OP_NO_COMPRESSION | SSL_OP_NO_RENEGOTIATION |
                                       SSL_OP_CIPHER_SERVER_PREFERENCE);
+    /* A record is decrypted in place in the read buffer, which keeps the
+     * plaintext (a request head with its bearer token) until the next
+     * record overwrites it: wipe it once libevent has taken the bytes. */
+    SSL_CTX_set_options(tls->ctx, SSL_OP_CLEANSE_PLAINTEXT);
     if (SSL_CTX_use_certificate_chain_file(tls->ctx, cfg->tls_cert) != 1) {
         rv = tls_fail(cfg, err, errlen, 1, "listen.tls_cert: cannot load '%s'", cfg->tls_cert);
         goto out;

@@ -28,7 +28,8 @@
  *                       C_CancelFunction), "all", or a comma-separated
  *                       list of names ("C_Encrypt,C_Decrypt")
  *   P11SHIM_FAIL_RV     the CK_RV injected: a CKR_* name or a number
- *                       (default CKR_DEVICE_ERROR)
+ *                       (default CKR_DEVICE_ERROR), or a comma-separated
+ *                       list of them, one picked at random per fault
  *   P11SHIM_FAIL_FUNCS  which calls may fail: "token" (default), "all", or
  *                       a list of names, as for P11SHIM_DELAY_FUNCS
  *   P11SHIM_FAIL_NTH    fail the Nth call (1-based, counted over the
@@ -37,6 +38,10 @@
  *                       (default 1; 0 = every call from the Nth on)
  *   P11SHIM_FAIL_RATE   fail each selected call with this probability
  *                       (0.0 .. 1.0), independently of NTH
+ *   P11SHIM_FAIL_FILE   when set, faults (NTH and RATE) are injected only
+ *                       while this file exists, and NTH counts only the
+ *                       calls made meanwhile: a running process is broken
+ *                       and mended from outside
  *
  *   P11SHIM_TOKEN_FLAGS_SET   flags OR'ed into every C_GetTokenInfo reply:
  *                       "final_try", "locked", "count_low",
@@ -53,6 +58,11 @@
  *                       (default: none; HANG_MS alone does nothing)
  *   P11SHIM_STATS_SNAPSHOT  a file rewritten with the counts so far (the
  *                       P11SHIM_STATS lines) after every C_Finalize
+ *   P11SHIM_SESSIONS_FILE   a file rewritten with "sessions_open <n>" and
+ *                       "sessions_max <n>" (sessions open in the real
+ *                       module now, and the most at once) after every
+ *                       C_OpenSession, C_CloseSession, C_CloseAllSessions
+ *                       and C_Finalize that succeeds
  *   P11SHIM_HANG_FILE   when set, a call hangs only while this file
  *                       exists, and stops hanging as soon as it is removed
  *
@@ -60,7 +70,10 @@
  * its delay has been slept.  P11SHIM_DEBUG=1 logs each injected fault on
  * stderr.  P11SHIM_STATS=FILE appends, when the shim is unloaded (or the
  * process exits), one line "C_xxx <calls>" per function called, for
- * counting token round-trips per request.
+ * counting token round-trips per request, then one line
+ * "faults:C_xxx <n>" per function and "faults:CKR_xxx <n>" per CK_RV for
+ * the faults injected (P11SHIM_FAIL_*; a gone token's refusals are not
+ * counted).
  *
  * Thread safety: the configuration is immutable after load (pthread_once),
  * counters are atomics, and the delay is a nanosleep in the calling
@@ -242,27 +255,33 @@ enum {
  * Filled from the configuration once; only the counter changes later. */
 typedef struct shim_fn {
     const char *name;
-    int cls;            /* SHIM_M or SHIM_T */
-    unsigned delay_us;  /* slept before the call */
-    unsigned hang_ms;   /* P11SHIM_HANG_MS for the selected functions */
-    int may_fail;       /* selected by P11SHIM_FAIL_FUNCS */
-    atomic_ulong calls; /* calls seen (diagnostics) */
+    int cls;             /* SHIM_M or SHIM_T */
+    unsigned delay_us;   /* slept before the call */
+    unsigned hang_ms;    /* P11SHIM_HANG_MS for the selected functions */
+    int may_fail;        /* selected by P11SHIM_FAIL_FUNCS */
+    atomic_ulong calls;  /* calls seen (diagnostics) */
+    atomic_ulong faults; /* P11SHIM_FAIL_* faults injected */
 } shim_fn;
 
+#define SHIM_MAX_RVS 8
+
 typedef struct shim_state {
-    void *handle;             /* dlopen of the real module */
-    CK_FUNCTION_LIST *real;   /* its function list */
-    CK_RV load_rv;            /* CKR_OK once loaded */
-    CK_RV fail_rv;            /* P11SHIM_FAIL_RV */
-    unsigned long fail_nth;   /* 0: off */
-    unsigned long fail_count; /* 0: forever */
-    double fail_rate;         /* 0: off */
+    void *handle;                /* dlopen of the real module */
+    CK_FUNCTION_LIST *real;      /* its function list */
+    CK_RV load_rv;               /* CKR_OK once loaded */
+    CK_RV fail_rv[SHIM_MAX_RVS]; /* P11SHIM_FAIL_RV: one or a list */
+    size_t n_fail_rv;
+    atomic_ulong rv_faults[SHIM_MAX_RVS]; /* faults injected, per fail_rv */
+    const char *fail_file;                /* P11SHIM_FAIL_FILE (NULL: always armed) */
+    unsigned long fail_nth;               /* 0: off */
+    unsigned long fail_count;             /* 0: forever */
+    double fail_rate;                     /* 0: off */
     int debug;
-    CK_FLAGS flags_set;      /* P11SHIM_TOKEN_FLAGS_SET */
-    CK_FLAGS flags_clear;    /* P11SHIM_TOKEN_FLAGS_CLEAR */
-    const char *gone_file;   /* P11SHIM_GONE_FILE (NULL: never gone) */
-    CK_RV gone_rv;           /* P11SHIM_GONE_RV */
-    const char *hang_file;   /* P11SHIM_HANG_FILE (NULL: hang always) */
+    CK_FLAGS flags_set;     /* P11SHIM_TOKEN_FLAGS_SET */
+    CK_FLAGS flags_clear;   /* P11SHIM_TOKEN_FLAGS_CLEAR */
+    const char *gone_file;  /* P11SHIM_GONE_FILE (NULL: never gone) */
+    CK_RV gone_rv;          /* P11SHIM_GONE_RV */
+    const char *hang_file;  /* P11SHIM_HANG_FILE (NULL: hang always) */
     atomic_ulong fail_seen; /* selected calls so far (for NTH) */
     shim_fn fn[SHIM_N];
 } shim_state;
@@ -407,6 +426,35 @@ static const char *env_str(const char *name)
     return v != NULL && *v != '\0' ? v : NULL;
 }
 
+/* P11SHIM_FAIL_RV: "CKR_DEVICE_ERROR" or "CKR_DEVICE_ERROR,CKR_GENERAL_ERROR". */
+static void parse_rv_list(const char *v)
+{
+    const char *p = v;
+
+    S.n_fail_rv = 0;
+    while (p != NULL && *p != '\0' && S.n_fail_rv < SHIM_MAX_RVS) {
+        size_t len = strcspn(p, ", ");
+        char one[64];
+        CK_RV rv;
+
+        if (len > 0 && len < sizeof(one)) {
+            snprintf(one, sizeof(one), "%.*s", (int)len, p);
+            if (parse_rv(one, &rv) == 0)
+                S.fail_rv[S.n_fail_rv++] = rv;
+            else
+                fprintf(stderr, "p11shim: ignoring bad '%s' in P11SHIM_FAIL_RV\n", one);
+        }
+        p += len;
+        p += strspn(p, ", ");
+    }
+    if (S.n_fail_rv == 0) {
+        S.fail_rv[0] = CKR_DEVICE_ERROR;
+        S.n_fail_rv = 1;
+    }
+    for (size_t i = 0; i < SHIM_MAX_RVS; i++)
+        atomic_init(&S.rv_faults[i], 0);
+}
+
 static CK_RV load_real(void)
 {
     const char *path = getenv("P11SHIM_MODULE");
@@ -452,9 +500,8 @@ static void shim_load(void)
     unsigned long delay = env_ulong("P11SHIM_DELAY_US", 0);
 
     S.debug = env_ulong("P11SHIM_DEBUG", 0) != 0;
-    S.fail_rv = CKR_DEVICE_ERROR;
-    if (fail_rv != NULL && *fail_rv != '\0' && parse_rv(fail_rv, &S.fail_rv) != 0)
-        fprintf(stderr, "p11shim: ignoring bad P11SHIM_FAIL_RV=%s\n", fail_rv);
+    parse_rv_list(fail_rv);
+    S.fail_file = env_str("P11SHIM_FAIL_FILE");
     S.fail_nth = env_ulong("P11SHIM_FAIL_NTH", 0);
     S.fail_count = env_ulong("P11SHIM_FAIL_COUNT", 1);
     if (rate != NULL && *rate != '\0') {
@@ -475,6 +522,7 @@ static void shim_load(void)
     atomic_init(&S.fail_seen, 0);
     for (int i = 0; i < SHIM_N; i++) {
         atomic_init(&S.fn[i].calls, 0);
+        atomic_init(&S.fn[i].faults, 0);
         S.fn[i].delay_us = selected(delay_sel, &S.fn[i]) ? (unsigned)delay : 0;
         /* No default selection for hangs: HANG_FUNCS must name them. */
         S.fn[i].hang_ms = env_str("P11SHIM_HANG_FUNCS") != NULL &&
@@ -566,7 +614,7 @@ static int shim_enter(int idx, CK_RV *rv)
             fprintf(stderr, "p11shim: %s -> token gone 0x%lx\n", fn->name, (unsigned long)*rv);
         return 1;
     }
-    if (!fn->may_fail)
+    if (!fn->may_fail || (S.fail_file != NULL && !file_exists(S.fail_file)))
         return 0;
     if (S.fail_nth != 0) {
         unsigned long n = atomic_fetch_add(&S.fail_seen, 1) + 1;
@@ -575,7 +623,13 @@ static int shim_enter(int idx, CK_RV *rv)
     if (!fail && S.fail_rate > 0.0)
         fail = thread_uniform() < S.fail_rate;
     if (fail) {
-        *rv = S.fail_rv;
+        size_t k = S.n_fail_rv > 1 ? (size_t)(thread_uniform() * (double)S.n_fail_rv) : 0;
+
+        if (k >= S.n_fail_rv)
+            k = S.n_fail_rv - 1;
+        *rv = S.fail_rv[k];
+        atomic_fetch_add_explicit(&fn->faults, 1, memory_order_relaxed);
+        atomic_fetch_add_explicit(&S.rv_faults[k], 1, memory_order_relaxed);
         if (S.debug)
             fprintf(stderr, "p11shim: %s -> injected 0x%lx\n", fn->name, (unsigned long)*rv);
     }
@@ -606,10 +660,26 @@ static CK_FUNCTION_LIST shim_list = {.version = {2, 40},
 
 /* ---- post-call hooks (installed over the generated forwarders) ------------ */
 
-/* One line "C_xxx <calls>" per function called, to path opened in mode. */
+/* The name of an injected CK_RV, for the statistics. */
+static void rv_name(CK_RV rv, char *out, size_t len)
+{
+    for (size_t i = 0; i < sizeof(rv_names) / sizeof(rv_names[0]); i++) {
+        if (rv_names[i].rv == rv) {
+            snprintf(out, len, "%s", rv_names[i].name);
+            return;
+        }
+    }
+    snprintf(out, len, "0x%lx", (unsigned long)rv);
+}
+
+/* One line "C_xxx <calls>" per function called, then "faults:C_xxx <n>"
+ * and "faults:CKR_xxx <n>" for the faults injected, to path opened in
+ * mode.  Every line is a name and a number: readers that look for one
+ * name skip the others. */
 static void write_stats(const char *path, const char *mode)
 {
     FILE *f = fopen(path, mode);
+    char name[64];
 
     if (f == NULL)
         return;
@@ -618,18 +688,87 @@ static void write_stats(const char *path, const char *mode)
         if (n != 0)
             fprintf(f, "%s %lu\n", S.fn[i].name, n);
     }
+    for (int i = 0; i < SHIM_N; i++) {
+        unsigned long n = atomic_load(&S.fn[i].faults);
+        if (n != 0)
+            fprintf(f, "faults:%s %lu\n", S.fn[i].name, n);
+    }
+    for (size_t i = 0; i < S.n_fail_rv; i++) {
+        unsigned long n = atomic_load(&S.rv_faults[i]);
+        rv_name(S.fail_rv[i], name, sizeof(name));
+        if (n != 0)
+            fprintf(f, "faults:%s %lu\n", name, n);
+    }
     fclose(f);
 }
 
-/* P11SHIM_STATS_SNAPSHOT: the counts so far, rewritten (temp file and
- * rename) after every C_Finalize, for a process that keeps the shim
- * loaded (p11-kit does not always unload it). */
+/* P11SHIM_SESSIONS_FILE: the sessions open in the real module now and the
+ * most ever open at once, rewritten (temp file and rename) after every
+ * change.  Session calls are rare (a pool keeps them), so a lock here
+ * costs nothing on the hot path. */
+static pthread_mutex_t sessions_mu = PTHREAD_MUTEX_INITIALIZER;
+static long sessions_open, sessions_max;
+
+static void sessions_changed(long delta, int none_left)
+{
+    const char *path = env_str("P11SHIM_SESSIONS_FILE");
+    char tmp[4096];
+    FILE *f;
+
+    pthread_mutex_lock(&sessions_mu);
+    sessions_open = none_left ? 0 : sessions_open + delta;
+    if (sessions_open > sessions_max)
+        sessions_max = sessions_open;
+    if (path != NULL && snprintf(tmp, sizeof(tmp), "%s.tmp", path) < (int)sizeof(tmp) &&
+        (f = fopen(tmp, "w")) != NULL) {
+        fprintf(f, "sessions_open %ld\nsessions_max %ld\n", sessions_open, sessions_max);
+        fclose(f);
+        if (rename(tmp, path) != 0)
+            fprintf(stderr, "p11shim: cannot write %s\n", path);
+    }
+    pthread_mutex_unlock(&sessions_mu);
+}
+
+static CK_RV hook_C_OpenSession(CK_SLOT_ID slot, CK_FLAGS flags, CK_VOID_PTR app, CK_NOTIFY notify,
+                                CK_SESSION_HANDLE_PTR session)
+{
+    CK_RV rv = shim_C_OpenSession(slot, flags, app, notify, session);
+
+    if (rv == CKR_OK)
+        sessions_changed(1, 0);
+    return rv;
+}
+
+static CK_RV hook_C_CloseSession(CK_SESSION_HANDLE session)
+{
+    CK_RV rv = shim_C_CloseSession(session);
+
+    if (rv == CKR_OK)
+        sessions_changed(-1, 0);
+    return rv;
+}
+
+static CK_RV hook_C_CloseAllSessions(CK_SLOT_ID slot)
+{
+    CK_RV rv = shim_C_CloseAllSessions(slot);
+
+    if (rv == CKR_OK) /* one token behind the shim */
+        sessions_changed(0, 1);
+    return rv;
+}
+
+/* C_Finalize closes every session (P11SHIM_SESSIONS_FILE), and
+ * P11SHIM_STATS_SNAPSHOT rewrites the counts so far (temp file and
+ * rename), for a process that keeps the shim loaded (p11-kit does not
+ * always unload it). */
 static CK_RV hook_C_Finalize(CK_VOID_PTR reserved)
 {
     CK_RV rv = shim_C_Finalize(reserved);
     const char *snap = env_str("P11SHIM_STATS_SNAPSHOT");
     char tmp[4096];
 
+    if (rv == CKR_OK && env_str("P11SHIM_SESSIONS_FILE") != NULL)
+        sessions_changed(0, 1);
     if (snap != NULL && snprintf(tmp, sizeof(tmp), "%s.tmp", snap) < (int)sizeof(tmp)) {
         write_stats(tmp, "w");
         if (rename(tmp, snap) != 0)
@@ -672,8 +811,13 @@ static CK_RV hook_C_GetSlotInfo(CK_SLOT_ID slot, CK_SLOT_INFO_PTR info)
 
 static void shim_install_hooks(void)
 {
-    if (env_str("P11SHIM_STATS_SNAPSHOT") != NULL)
+    if (env_str("P11SHIM_STATS_SNAPSHOT") != NULL || env_str("P11SHIM_SESSIONS_FILE") != NULL)
         shim_list.C_Finalize = hook_C_Finalize;
+    if (env_str("P11SHIM_SESSIONS_FILE") != NULL) {
+        shim_list.C_OpenSession = hook_C_OpenSession;
+        shim_list.C_CloseSession = hook_C_CloseSession;
+        shim_list.C_CloseAllSessions = hook_C_CloseAllSessions;
+    }
     if (S.flags_set != 0 || S.flags_clear != 0)
         shim_list.C_GetTokenInfo = hook_C_GetTokenInfo;
     if (S.gone_file != NULL) {
