@@ -194,9 +194,18 @@ static void render_store(FILE *f, kms_store *store)
             "p11kms_store_failed_groups_total %llu\n"
             "# HELP p11kms_store_queued_writes Writes waiting for the store writer.\n"
             "# TYPE p11kms_store_queued_writes gauge\n"
-            "p11kms_store_queued_writes %llu\n",
+            "p11kms_store_queued_writes %llu\n"
+            "# HELP p11kms_store_writable 0 while a store failure makes the writer refuse writes "
+            "(SQLite), else 1.\n"
+            "# TYPE p11kms_store_writable gauge\n"
+            "p11kms_store_writable %d\n"
+            "# HELP p11kms_store_refused_writes_total Writes refused at once while the store "
+            "could not be written.\n"
+            "# TYPE p11kms_store_refused_writes_total counter\n"
+            "p11kms_store_refused_writes_total %llu\n",
             (unsigned long long)st.commits, (unsigned long long)st.writes,
-            (unsigned long long)st.failed_groups, (unsigned long long)st.queued);
+            (unsigned long long)st.failed_groups, (unsigned long long)st.queued, st.failing ? 0 : 1,
+            (unsigned long long)st.refused_writes);
 }
 
 /* DEKs by state (the counts of GET /v1/status, not audited: a scrape is
