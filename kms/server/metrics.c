@@ -248,8 +248,16 @@ void kms_metrics_render(kms_core *core, const kms_metrics_gauges *g, kms_reply *
             "p11kms_http_inflight_requests %ld\n"
             "# HELP p11kms_http_connections Open client connections.\n"
             "# TYPE p11kms_http_connections gauge\n"
-            "p11kms_http_connections %ld\n",
-            g->queue_depth, g->inflight, g->connections);
+            "p11kms_http_connections %ld\n"
+            "# HELP p11kms_http_request_timeouts_total Connections closed because a request "
+            "did not arrive whole within [server] request_timeout.\n"
+            "# TYPE p11kms_http_request_timeouts_total counter\n"
+            "p11kms_http_request_timeouts_total %ld\n"
+            "# HELP p11kms_http_accept_pauses_total Times accepting paused for want of file "
+            "descriptors or memory.\n"
+            "# TYPE p11kms_http_accept_pauses_total counter\n"
+            "p11kms_http_accept_pauses_total %ld\n",
+            g->queue_depth, g->inflight, g->connections, g->request_timeouts, g->accept_pauses);
     ok = fclose(f) == 0;
     f = NULL;
 out:
