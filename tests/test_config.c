@@ -91,6 +91,7 @@ START_TEST(valid_defaults_and_relative_paths)
     ck_assert_int_eq(cfg->queue, 1024);
     ck_assert_int_eq(cfg->max_body, 65536);
     ck_assert_int_eq(cfg->timeout, 30);
+    ck_assert_int_eq(cfg->request_timeout, 10);
     ck_assert_int_eq(cfg->max_connections, 1024);
     ck_assert_ptr_null(cfg->listen_tls);
     ck_assert_int_eq(kms_config_check_supported(cfg, err, sizeof(err)), P11KMS_OK);
@@ -122,6 +123,7 @@ START_TEST(comments_and_whitespace)
                                "queue = 10\n"
                                "max_body = 4096\n"
                                "timeout = 5\n"
+                               "request_timeout = 3\n"
                                "max_connections = 9\n",
                                &cfg),
                      P11KMS_OK);
@@ -136,6 +138,7 @@ START_TEST(comments_and_whitespace)
     ck_assert_int_eq(cfg->queue, 10);
     ck_assert_int_eq(cfg->max_body, 4096);
     ck_assert_int_eq(cfg->timeout, 5);
+    ck_assert_int_eq(cfg->request_timeout, 3);
     ck_assert_int_eq(cfg->max_connections, 9);
     kms_config_free(cfg);
 }

@@ -257,11 +257,11 @@ END_TEST
 
 START_TEST(postgres_refused)
 {
-    static const char *sq = "[store]\nbackend = sqlite\npath    = kms.db\n";
-    char *text, *at, *conf = NULL, path[400], out[400];
+    char *text, *at, *conf = NULL, path[400], out[400], sq[1200];
     kr_result r;
 
     ck_assert_int_eq(kh_setup(&K, KMSD_PATH, "kmsctl-bk3", NULL, NULL), 0);
+    snprintf(sq, sizeof(sq), "%s", ts_db_conf(&K.store)); /* the [store] kh_setup wrote */
     text = kh_read_file(K.conf, NULL);
     ck_assert_ptr_nonnull(text);
     at = strstr(text, sq);

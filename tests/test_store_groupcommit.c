@@ -277,8 +277,28 @@ START_TEST(locked_database_fails_group_then_recovers)
     ck_assert_uint_ge(s1.failed_groups - s0.failed_groups, 1);
     ck_assert_uint_eq(s1.commits, s0.commits);
     ck_assert_int_eq(kms_store_dek_get(st, ow[0].dek.id, &got), P11KMS_ERR_DEK_NOT_FOUND);
+    if (!db.pg) {
+        /* SQLite: from now on writes are refused at once (not after another
+         * busy timeout) and ping says unavailable, in bounded time, until a
+         * probe write commits. */
+        kms_dek_rec extra;
+        struct timespec t0, t1;
+
+        make_dek(&extra, "busy", 3, 0);
+        clock_gettime(CLOCK_MONOTONIC, &t0);
+        ck_assert_int_eq(kms_store_dek_insert(st, &extra), P11KMS_ERR_STORE_UNAVAILABLE);
+        ck_assert_int_eq(kms_store_ping(st), P11KMS_ERR_STORE_UNAVAILABLE);
+        clock_gettime(CLOCK_MONOTONIC, &t1);
+        ck_assert_int_lt(t1.tv_sec - t0.tv_sec, 4); /* the busy timeout is 5 s */
+        kms_store_stats_get(st, &s1);
+        ck_assert_uint_eq(s1.failing, 1);
+        ck_assert_uint_ge(s1.refused_writes, 1);
+    }
 
     ts_db_unlock_writes(&db, lock);
+    /* SQLite: healthy again once the writer's probe commits. */
+    for (int i = 0; i < 100 && kms_store_ping(st) != P11KMS_OK; i++)
+        usleep(100 * 1000);
     ck_assert_int_eq(kms_store_ping(st), P11KMS_OK);
     ck_assert_int_eq(kms_store_dek_insert(st, &ow[0].dek), P11KMS_OK);
     ck_assert_int_eq(kms_store_key_get(st, "busy", &k), P11KMS_OK);

@@ -55,6 +55,7 @@ static const key_def keys[] = {
     {"server", "queue", K_INT, STR_FIELD(queue), 1, 1000000},
     {"server", "max_body", K_INT, STR_FIELD(max_body), 64, 64 * 1024 * 1024},
     {"server", "timeout", K_INT, STR_FIELD(timeout), 1, 3600},
+    {"server", "request_timeout", K_INT, STR_FIELD(request_timeout), 1, 3600},
     {"server", "max_connections", K_INT, STR_FIELD(max_connections), 1, 1000000},
     {"server", "rotation_check_interval", K_INT, STR_FIELD(rotation_check_interval), 1, 86400},
     {"server", "max_wraps_per_version", K_INT, STR_FIELD(max_wraps_per_version), 1, 1L << 30},
@@ -408,6 +409,7 @@ static void set_defaults(kms_config *cfg)
     cfg->queue = 1024;
     cfg->max_body = 65536;
     cfg->timeout = 30;
+    cfg->request_timeout = 10;
     cfg->max_connections = 1024;
     cfg->rotation_check_interval = 60;
     cfg->max_wraps_per_version = 1 << 30;

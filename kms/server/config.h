@@ -47,7 +47,8 @@ typedef struct kms_config {
     int workers;         /* worker threads, default 32 */
     int queue;           /* max queued requests, default 1024 */
     int max_body;        /* bytes, default 65536 */
-    int timeout;         /* seconds, default 30 */
+    int timeout;         /* seconds, default 30: idle connection, writing a reply */
+    int request_timeout; /* seconds, default 10: one request to arrive whole */
     int max_connections; /* default 1024 */
     int rotation_check_interval; /* seconds between rotation-period checks, default 60 */
     int max_wraps_per_version;   /* wrap cap per key version, 1..2^30, default 2^30 */

@@ -6,6 +6,13 @@
  * (passing n body bytes through), DRAIN (discarding n body bytes of a
  * refused request, then emitting its synthetic head) and DISCARD
  * (dropping everything until evhttp closes the connection).
+ *
+ * The request timer (request_timeout_ms) runs from the filter's creation
+ * until the first request has passed whole, and then from the first byte
+ * of each later request until it has; a refused request keeps it running
+ * (its body is drained, then the connection closes anyway).  When it
+ * fires, the socket is shut down: the lower bufferevent reads end-of-file
+ * and evhttp frees the connection (and this filter).
  */
 #include "kms/server/framing.h"
 
@@ -14,10 +21,14 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/socket.h>
 
 #include <event2/buffer.h>
+#include <event2/event.h>
 #include <event2/http.h>
 #include <openssl/crypto.h>
+
+#include "module/log.h"
 
 #define TARGET_MAX 4096
 
@@ -30,8 +41,46 @@ typedef struct framing {
     char *pending;      /* synthetic head emitted after ST_DRAIN */
     const char *refuse_all;
     void (*on_close)(void *);
+    void (*on_timeout)(void *);
     void *arg;
+    struct bufferevent *under; /* the socket (or TLS) bufferevent: its fd */
+    struct event *timer;       /* the request timer; NULL without a bound */
+    struct timeval timeout;
+    int timing; /* the timer is armed */
 } framing;
+
+/* A request has started: arm the timer if it is not running. */
+static void request_started(framing *f)
+{
+    if (f->timer != NULL && !f->timing && evtimer_add(f->timer, &f->timeout) == 0)
+        f->timing = 1;
+}
+
+/* A request has passed whole. */
+static void request_done(framing *f)
+{
+    if (f->timer != NULL && f->timing) {
+        evtimer_del(f->timer);
+        f->timing = 0;
+    }
+}
+
+static void on_request_timeout(evutil_socket_t fd, short what, void *arg)
+{
+    framing *f = arg;
+    evutil_socket_t sock = bufferevent_getfd(f->under);
+
+    (void)fd;
+    (void)what;
+    f->timing = 0;
+    f->state = ST_DISCARD;
+    LOG_DEBUG("http", "closing a connection: its request did not arrive whole within %ld ms",
+              (long)f->timeout.tv_sec * 1000 + (long)f->timeout.tv_usec / 1000);
+    if (f->on_timeout != NULL)
+        f->on_timeout(f->arg);
+    if (sock >= 0)
+        shutdown(sock, SHUT_RDWR);
+}
 
 static const char *const known_methods[] = {"GET",     "POST",  "HEAD",    "PUT",   "DELETE",
                                             "OPTIONS", "TRACE", "CONNECT", "PATCH", NULL};
@@ -383,10 +432,12 @@ static enum bufferevent_filter_result framing_in(struct evbuffer *src, struct ev
                 f->state = ST_DISCARD;
             } else {
                 f->state = ST_HEAD;
+                request_done(f);
             }
             continue;
         }
-        /* ST_HEAD */
+        /* ST_HEAD, with bytes of a request */
+        request_started(f);
         n = head_length(src, f->max_head);
         if (n == 0) {
             if (avail > f->max_head)
@@ -400,6 +451,8 @@ static enum bufferevent_filter_result framing_in(struct evbuffer *src, struct ev
             break;
         }
         emitted |= on_head(f, src, dst, n, NULL);
+        if (f->state == ST_HEAD)
+            request_done(f); /* a request without a body */
     }
     return emitted ? BEV_OK : BEV_NEED_MORE;
 }
@@ -412,38 +465,48 @@ static void framing_free(void *arg)
         return;
     if (f->on_close != NULL)
         f->on_close(f->arg);
+    if (f->timer != NULL)
+        event_free(f->timer);
     free(f->pending);
     free(f);
 }
 
-struct bufferevent *kms_framing_new(struct event_base *base, size_t max_body, size_t max_head,
-                                    const char *refuse_all, void (*on_close)(void *), void *arg)
+struct bufferevent *kms_framing_new(struct event_base *base, const kms_framing_opts *o)
 {
     struct bufferevent *under = bufferevent_socket_new(base, -1, BEV_OPT_CLOSE_ON_FREE);
 
     if (under == NULL)
         return NULL;
-    return kms_framing_wrap(under, max_body, max_head, refuse_all, on_close, arg);
+    return kms_framing_wrap(under, o);
 }
 
-struct bufferevent *kms_framing_wrap(struct bufferevent *under, size_t max_body, size_t max_head,
-                                     const char *refuse_all, void (*on_close)(void *), void *arg)
+struct bufferevent *kms_framing_wrap(struct bufferevent *under, const kms_framing_opts *o)
 {
     struct bufferevent *filter = NULL;
     framing *f = calloc(1, sizeof(*f));
 
     if (f == NULL)
         goto out;
-    f->max_body = max_body;
-    f->max_head = max_head;
-    f->refuse_all = refuse_all;
+    f->max_body = o->max_body;
+    f->max_head = o->max_head;
+    f->refuse_all = o->refuse_all;
+    f->under = under;
+    if (o->request_timeout_ms > 0) {
+        f->timeout.tv_sec = o->request_timeout_ms / 1000;
+        f->timeout.tv_usec = (o->request_timeout_ms % 1000) * 1000;
+        f->timer = evtimer_new(bufferevent_get_base(under), on_request_timeout, f);
+        if (f->timer == NULL)
+            goto out;
+    }
     filter =
         bufferevent_filter_new(under, framing_in, NULL, BEV_OPT_CLOSE_ON_FREE, framing_free, f);
     if (filter == NULL)
         goto out;
-    f->on_close = on_close; /* from now on the filter owns f */
-    f->arg = arg;
+    f->on_close = o->on_close; /* from now on the filter owns f */
+    f->on_timeout = o->on_timeout;
+    f->arg = o->arg;
     under = NULL;
+    request_started(f); /* the first request: from now */
     f = NULL;
 out:
     if (under != NULL)

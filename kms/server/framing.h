@@ -24,6 +24,16 @@
  *
  * A first line that can never be a request line (binary, a control byte,
  * HTTP/0.9) is refused as soon as it is seen, not after a timeout.
+ *
+ * Slow clients: each request must arrive whole (head and body) within
+ * request_timeout_ms, counted from the connection's creation for the first
+ * request and from its first byte for a later one on a kept-alive
+ * connection.  A request that is slower (a head or a body sent a byte at
+ * a time, a head never finished) is not answered: the socket is shut down
+ * so evhttp sees end-of-file and frees the connection.  evhttp's own
+ * timeout (the filter's read timeout) bounds idle connections between
+ * requests; it alone would not bound a body trickled a byte at a time,
+ * since every byte passed through resets it.
  * A client may not send KMS_FRAMING_HEADER itself (refused as malformed).
  * Memory per connection is bounded by max_head + max_body.  Each filter
  * belongs to one event loop thread; no locking.
@@ -48,22 +58,32 @@
 #define KMS_FRAMING_METHOD          "method"    /* method evhttp does not know */
 #define KMS_FRAMING_BUSY            "busy"      /* over max_connections */
 
+/* What a connection's filter enforces, and whom it tells. */
+typedef struct kms_framing_opts {
+    size_t max_body;
+    size_t max_head;
+    int request_timeout_ms; /* a request must arrive whole within this; 0: no bound */
+    /* When not NULL, the first request is refused with this reason
+     * whatever it is (used for KMS_FRAMING_BUSY). */
+    const char *refuse_all;
+    void (*on_close)(void *arg);   /* the connection's bufferevent is freed */
+    void (*on_timeout)(void *arg); /* may be NULL: a request was too slow (closing) */
+    void *arg;
+} kms_framing_opts;
+
 /* A new connection bufferevent (no fd yet: evhttp sets it) for
- * evhttp_set_bevcb.  refuse_all: when not NULL, the first request is
- * refused with this reason whatever it is (used for KMS_FRAMING_BUSY).
- * on_close(arg) is called when the connection's bufferevent is freed.
- * NULL when out of memory (on_close is then not called). */
-struct bufferevent *kms_framing_new(struct event_base *base, size_t max_body, size_t max_head,
-                                    const char *refuse_all, void (*on_close)(void *), void *arg);
+ * evhttp_set_bevcb; o is copied.  NULL when out of memory (on_close is
+ * then not called). */
+struct bufferevent *kms_framing_new(struct event_base *base, const kms_framing_opts *o);
 
 /* The same filter over an existing bufferevent (a TLS one: tls.h), which
  * it owns from now on, even when it fails (it is then freed). */
-struct bufferevent *kms_framing_wrap(struct bufferevent *under, size_t max_body, size_t max_head,
-                                     const char *refuse_all, void (*on_close)(void *), void *arg);
+struct bufferevent *kms_framing_wrap(struct bufferevent *under, const kms_framing_opts *o);
 
 /* The filter without a connection (tests and tests/fuzz/): run a fresh
  * filter over data[0..len) delivered in pieces of `chunk` bytes (0: all
- * at once), appending what evhttp would read to out.  Returns how many
+ * at once), appending what evhttp would read to out (no timer: the
+ * timeout needs a connection).  Returns how many
  * input bytes are still held (an incomplete head), or (size_t)-1 when out
  * of memory. */
 size_t kms_framing_feed(const void *data, size_t len, size_t chunk, size_t max_body,

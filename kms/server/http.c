@@ -23,8 +23,18 @@
  * With listen.tls each loop has a second evhttp on the TLS socket whose
  * connections are framing filters over a bufferevent_openssl (tls.c).
  *
- * Shared state between threads: `inflight` and `connections` (atomics),
- * `draining` (atomic), `policy` (its own lock; policies are immutable).
+ * Bounds on clients: the framing filter closes a connection whose request
+ * does not arrive whole within request_timeout (slowloris); evhttp's
+ * timeout closes idle ones; over max_connections a connection's request
+ * is answered 503 overloaded.  When accept(2) fails for want of file
+ * descriptors (EMFILE, ENFILE) or memory, the loop stops accepting for
+ * KMS_HTTP_ACCEPT_PAUSE_MS instead of spinning on the listening socket
+ * (libevent retries such a failure at once, for ever): pending
+ * connections wait in the listen backlog meanwhile.
+ *
+ * Shared state between threads: `inflight`, `connections`, the counters
+ * for /metrics and `draining` (atomics), `policy` (its own lock; policies
+ * are immutable).
  * Everything else belongs to one loop thread or to the control thread
  * (signals: SIGTERM/SIGINT drain, SIGHUP reloads the policy).
  */
@@ -74,6 +84,7 @@ typedef struct loop {
     struct evconnlistener *listener; /* owned by http once bound */
     struct evhttp *http_tls;         /* listen.tls, or NULL */
     struct evconnlistener *listener_tls;
+    struct event *accept_resume; /* re-enables the listeners after a pause */
     pthread_t thread;
     int started;
     /* Requests whose asynchronous core call finished (on_async_done, any
@@ -104,7 +115,10 @@ struct kms_server {
     atomic_long inflight;
     atomic_long connections;
     atomic_long async_pending; /* core calls between kms_routes_start and on_async_done */
+    atomic_long request_timeouts; /* connections closed: a request too slow */
+    atomic_long accept_pauses;    /* accept(2) paused: no descriptors or memory */
     atomic_int draining;
+    atomic_llong last_accept_warn; /* CLOCK_MONOTONIC seconds, rate-limits the log */
 };
 
 /* One request between on_request and finish. */
@@ -387,7 +401,9 @@ static void run_job(void *arg)
     if (kms_authz_call(srv->core, p->policy, &p->who, p->call, &p->reply, &dek)) {
         if (strcmp(kms_call_name(p->call), "metrics") == 0) { /* GET /metrics: admin */
             kms_metrics_gauges g = {kms_workers_pending(srv->workers), atomic_load(&srv->inflight),
-                                    atomic_load(&srv->connections)};
+                                    atomic_load(&srv->connections),
+                                    atomic_load(&srv->request_timeouts),
+                                    atomic_load(&srv->accept_pauses)};
             kms_metrics_render(srv->core, &g, &p->reply);
         } else {
             if (!p->sync) {
@@ -485,19 +501,39 @@ static void on_connection_closed(void *arg)
     atomic_fetch_sub(&srv->connections, 1);
 }
 
+static void on_request_timeout(void *arg)
+{
+    kms_server *srv = arg;
+
+    atomic_fetch_add(&srv->request_timeouts, 1);
+}
+
+/* Count a new connection and describe its filter. */
+static void framing_opts(kms_server *srv, kms_framing_opts *o)
+{
+    long n = atomic_fetch_add(&srv->connections, 1) + 1;
+
+    memset(o, 0, sizeof(*o));
+    o->max_body = (size_t)srv->cfg->max_body;
+    o->max_head = KMS_HTTP_MAX_HEAD;
+    o->request_timeout_ms = srv->cfg->request_timeout * 1000;
+    o->refuse_all = n > srv->cfg->max_connections ? KMS_FRAMING_BUSY : NULL;
+    o->on_close = on_connection_closed;
+    o->on_timeout = on_request_timeout;
+    o->arg = srv;
+}
+
 /* evhttp_set_bevcb: every connection gets a framing filter. */
 static struct bufferevent *make_bev(struct event_base *base, void *arg)
 {
     loop *lp = arg;
-    kms_server *srv = lp->srv;
-    long n = atomic_fetch_add(&srv->connections, 1) + 1;
-    const char *refuse = n > srv->cfg->max_connections ? KMS_FRAMING_BUSY : NULL;
+    kms_framing_opts o;
     struct bufferevent *bev;
 
-    bev = kms_framing_new(base, (size_t)srv->cfg->max_body, KMS_HTTP_MAX_HEAD, refuse,
-                          on_connection_closed, srv);
+    framing_opts(lp->srv, &o);
+    bev = kms_framing_new(base, &o);
     if (bev == NULL)
-        atomic_fetch_sub(&srv->connections, 1);
+        atomic_fetch_sub(&lp->srv->connections, 1);
     return bev;
 }
 
@@ -505,17 +541,74 @@ static struct bufferevent *make_bev(struct event_base *base, void *arg)
 static struct bufferevent *make_bev_tls(struct event_base *base, void *arg)
 {
     loop *lp = arg;
-    kms_server *srv = lp->srv;
-    long n = atomic_fetch_add(&srv->connections, 1) + 1;
-    const char *refuse = n > srv->cfg->max_connections ? KMS_FRAMING_BUSY : NULL;
-    struct bufferevent *under = kms_tls_bev_new(srv->tls, base), *bev = NULL;
+    kms_framing_opts o;
+    struct bufferevent *under, *bev = NULL;
 
+    framing_opts(lp->srv, &o);
+    under = kms_tls_bev_new(lp->srv->tls, base);
     if (under != NULL)
-        bev = kms_framing_wrap(under, (size_t)srv->cfg->max_body, KMS_HTTP_MAX_HEAD, refuse,
-                               on_connection_closed, srv);
+        bev = kms_framing_wrap(under, &o);
     if (bev == NULL)
-        atomic_fetch_sub(&srv->connections, 1);
+        atomic_fetch_sub(&lp->srv->connections, 1);
     return bev;
+}
+
+/* Listeners of this loop on again after a pause (not while draining). */
+static void resume_accept(evutil_socket_t fd, short what, void *arg)
+{
+    loop *lp = arg;
+
+    (void)fd;
+    (void)what;
+    if (atomic_load(&lp->srv->draining))
+        return;
+    if (lp->listener != NULL)
+        evconnlistener_enable(lp->listener);
+    if (lp->listener_tls != NULL)
+        evconnlistener_enable(lp->listener_tls);
+}
+
+/* The server whose listeners report accept errors: libevent's error
+ * callback gets evhttp's argument, not ours, so it finds its loop from
+ * here (one kms_server per process: kmsd). */
+static _Atomic(kms_server *) accept_server;
+
+/* evconnlistener error callback: accept(2) failed with an error libevent
+ * does not retry later by itself (EMFILE, ENFILE, ENOBUFS, ENOMEM...).
+ * Left alone, the listener would be called again at once, for ever, at
+ * full CPU and one log line each time: pause this loop's accepting. */
+static void on_accept_error(struct evconnlistener *lev, void *arg)
+{
+    int err = EVUTIL_SOCKET_ERROR();
+    kms_server *srv = atomic_load(&accept_server);
+    loop *lp = NULL;
+    struct timeval pause = {0, KMS_HTTP_ACCEPT_PAUSE_MS * 1000};
+    struct timespec now;
+    long long last;
+
+    (void)arg;
+    for (size_t i = 0; srv != NULL && lp == NULL && i < srv->n_loops; i++)
+        if (srv->loops[i].listener == lev || srv->loops[i].listener_tls == lev)
+            lp = &srv->loops[i];
+    if (lp == NULL) {
+        evconnlistener_disable(lev); /* no server: nothing will accept again */
+        return;
+    }
+    atomic_fetch_add(&srv->accept_pauses, 1);
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    last = atomic_load(&srv->last_accept_warn);
+    if ((long long)now.tv_sec - last >= 10 &&
+        atomic_compare_exchange_strong(&srv->last_accept_warn, &last, (long long)now.tv_sec))
+        LOG_WARN("http",
+                 "accept: %s (%ld connections open): not accepting for %d ms; raise the "
+                 "file descriptor limit or lower [server] max_connections",
+                 strerror(err), atomic_load(&srv->connections), KMS_HTTP_ACCEPT_PAUSE_MS);
+    if (lp->listener != NULL)
+        evconnlistener_disable(lp->listener);
+    if (lp->listener_tls != NULL)
+        evconnlistener_disable(lp->listener_tls);
+    if (lp->accept_resume == NULL || evtimer_add(lp->accept_resume, &pause) != 0)
+        resume_accept(-1, 0, lp); /* cannot pause: better spinning than deaf */
 }
 
 static void *loop_main(void *arg)
@@ -553,6 +646,7 @@ static p11kms_status http_init(kms_server *srv, loop *lp, struct evhttp *http,
         *listener = NULL;
         return P11KMS_ERR_NO_MEMORY;
     }
+    evconnlistener_set_error_cb(*listener, on_accept_error);
     return P11KMS_OK;
 }
 
@@ -582,7 +676,8 @@ static p11kms_status loop_init(kms_server *srv, loop *lp)
     lp->done_mu_ok = 1;
     lp->base = loop_base_new();
     if (lp->base == NULL || (lp->http = evhttp_new(lp->base)) == NULL ||
-        (lp->ev_done = event_new(lp->base, -1, 0, on_done_ready, lp)) == NULL)
+        (lp->ev_done = event_new(lp->base, -1, 0, on_done_ready, lp)) == NULL ||
+        (lp->accept_resume = evtimer_new(lp->base, resume_accept, lp)) == NULL)
         return P11KMS_ERR_NO_MEMORY;
     if ((rv = http_init(srv, lp, lp->http, make_bev, srv->listen_fd, &lp->listener)) != P11KMS_OK)
         return rv;
@@ -802,7 +897,10 @@ p11kms_status kms_server_new(const kms_config *cfg, kms_core *core, kms_server *
     atomic_init(&srv->inflight, 0);
     atomic_init(&srv->connections, 0);
     atomic_init(&srv->async_pending, 0);
+    atomic_init(&srv->request_timeouts, 0);
+    atomic_init(&srv->accept_pauses, 0);
     atomic_init(&srv->draining, 0);
+    atomic_init(&srv->last_accept_warn, -3600);
     if ((rv = load_policy(srv, 0)) != P11KMS_OK)
         goto out;
     if (cfg->listen_tls != NULL &&
@@ -824,6 +922,7 @@ p11kms_status kms_server_new(const kms_config *cfg, kms_core *core, kms_server *
     for (; srv->n_loops < (size_t)cfg->threads; srv->n_loops++)
         if ((rv = loop_init(srv, &srv->loops[srv->n_loops])) != P11KMS_OK)
             goto out;
+    atomic_store(&accept_server, srv);
     srv->ev_term = evsignal_new(srv->control, SIGTERM, on_signal, srv);
     srv->ev_int = evsignal_new(srv->control, SIGINT, on_signal, srv);
     srv->ev_hup = evsignal_new(srv->control, SIGHUP, on_hup, srv);
@@ -900,6 +999,8 @@ static void drop_async(kms_server *srv)
 
 void kms_server_free(kms_server *srv)
 {
+    kms_server *self;
+
     if (srv == NULL)
         return;
     for (size_t i = 0; i < srv->n_loops; i++)
@@ -908,6 +1009,8 @@ void kms_server_free(kms_server *srv)
     for (size_t i = 0; i < srv->n_loops; i++)
         if (srv->loops[i].started)
             pthread_join(srv->loops[i].thread, NULL);
+    self = srv;
+    atomic_compare_exchange_strong(&accept_server, &self, NULL); /* the loops are stopped */
     /* Workers finish what they hold; replies to stopped loops are dropped. */
     kms_workers_free(srv->workers);
     drop_async(srv);
@@ -922,6 +1025,8 @@ void kms_server_free(kms_server *srv)
             evconnlistener_free(srv->loops[i].listener_tls);
         if (srv->loops[i].ev_done != NULL)
             event_free(srv->loops[i].ev_done);
+        if (srv->loops[i].accept_resume != NULL)
+            event_free(srv->loops[i].accept_resume);
         if (srv->loops[i].base != NULL)
             event_base_free(srv->loops[i].base);
         if (srv->loops[i].done_mu_ok)

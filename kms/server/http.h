@@ -17,8 +17,9 @@
 #include "kms/server/config.h"
 #include "p11kms/status.h"
 
-#define KMS_HTTP_MAX_HEAD      16384 /* request line + headers */
-#define KMS_HTTP_DRAIN_SECONDS 10    /* bound of the drain on SIGTERM */
+#define KMS_HTTP_MAX_HEAD        16384 /* request line + headers */
+#define KMS_HTTP_DRAIN_SECONDS   10    /* bound of the drain on SIGTERM */
+#define KMS_HTTP_ACCEPT_PAUSE_MS 250   /* accept paused this long on EMFILE and the like */
 
 typedef struct kms_server kms_server;
 

@@ -69,6 +69,32 @@ static int harden(void)
     return 0;
 }
 
+/* File descriptors for max_connections clients and kmsd's own (store
+ * connections, token, listeners, worker and loop internals): raise the
+ * soft limit up to the hard one when needed (systemd's default soft limit
+ * is 1024), and say so when even that is short.  Beyond the limit kmsd
+ * pauses accepting (http.c) rather than failing. */
+static void fd_limit(const kms_config *cfg)
+{
+    struct rlimit rl;
+    rlim_t want =
+        (rlim_t)cfg->max_connections + (rlim_t)cfg->workers + (rlim_t)cfg->token_sessions + 256;
+
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0 || rl.rlim_cur >= want)
+        return;
+    if (rl.rlim_max != RLIM_INFINITY && rl.rlim_max < want)
+        rl.rlim_cur = rl.rlim_max;
+    else
+        rl.rlim_cur = want;
+    if (setrlimit(RLIMIT_NOFILE, &rl) != 0 && getrlimit(RLIMIT_NOFILE, &rl) != 0)
+        return;
+    if (rl.rlim_cur < want)
+        LOG_WARN("http",
+                 "the file descriptor limit (%llu) is below the %llu that [server] "
+                 "max_connections = %d needs: raise it (LimitNOFILE=) or lower max_connections",
+                 (unsigned long long)rl.rlim_cur, (unsigned long long)want, cfg->max_connections);
+}
+
 /* Parse the policy file and load the TLS material once, so that a bad
  * one stops kmsd (and --check-config) with its FILE:LINE. */
 static p11kms_status check_policy_and_tls(const kms_config *cfg, char *err, size_t errlen)
@@ -154,6 +180,7 @@ static int serve(const kms_config *cfg)
         goto out;
     }
     kms_audit_startup_check(core); /* logs loudly if broken; kmsd serves anyway */
+    fd_limit(cfg);
     st = kms_server_new(cfg, core, &srv);
     if (st != P11KMS_OK) {
         fprintf(stderr, "kmsd: cannot start the HTTP server on %s: %s\n", cfg->listen_unix,

@@ -194,9 +194,18 @@ static void render_store(FILE *f, kms_store *store)
             "p11kms_store_failed_groups_total %llu\n"
             "# HELP p11kms_store_queued_writes Writes waiting for the store writer.\n"
             "# TYPE p11kms_store_queued_writes gauge\n"
-            "p11kms_store_queued_writes %llu\n",
+            "p11kms_store_queued_writes %llu\n"
+            "# HELP p11kms_store_writable 0 while a store failure makes the writer refuse writes "
+            "(SQLite), else 1.\n"
+            "# TYPE p11kms_store_writable gauge\n"
+            "p11kms_store_writable %d\n"
+            "# HELP p11kms_store_refused_writes_total Writes refused at once while the store "
+            "could not be written.\n"
+            "# TYPE p11kms_store_refused_writes_total counter\n"
+            "p11kms_store_refused_writes_total %llu\n",
             (unsigned long long)st.commits, (unsigned long long)st.writes,
-            (unsigned long long)st.failed_groups, (unsigned long long)st.queued);
+            (unsigned long long)st.failed_groups, (unsigned long long)st.queued, st.failing ? 0 : 1,
+            (unsigned long long)st.refused_writes);
 }
 
 /* DEKs by state (the counts of GET /v1/status, not audited: a scrape is
@@ -239,8 +248,16 @@ void kms_metrics_render(kms_core *core, const kms_metrics_gauges *g, kms_reply *
             "p11kms_http_inflight_requests %ld\n"
             "# HELP p11kms_http_connections Open client connections.\n"
             "# TYPE p11kms_http_connections gauge\n"
-            "p11kms_http_connections %ld\n",
-            g->queue_depth, g->inflight, g->connections);
+            "p11kms_http_connections %ld\n"
+            "# HELP p11kms_http_request_timeouts_total Connections closed because a request "
+            "did not arrive whole within [server] request_timeout.\n"
+            "# TYPE p11kms_http_request_timeouts_total counter\n"
+            "p11kms_http_request_timeouts_total %ld\n"
+            "# HELP p11kms_http_accept_pauses_total Times accepting paused for want of file "
+            "descriptors or memory.\n"
+            "# TYPE p11kms_http_accept_pauses_total counter\n"
+            "p11kms_http_accept_pauses_total %ld\n",
+            g->queue_depth, g->inflight, g->connections, g->request_timeouts, g->accept_pauses);
     ok = fclose(f) == 0;
     f = NULL;
 out:

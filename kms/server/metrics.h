@@ -22,11 +22,13 @@
  * (404, 405, 400, 401, 413 ...); status its HTTP status; us its latency. */
 void kms_metrics_request(const char *route, int status, uint64_t us);
 
-/* Gauges the server knows (http.c). */
+/* Gauges and counters the server knows (http.c). */
 typedef struct kms_metrics_gauges {
-    size_t queue_depth; /* worker jobs queued or running */
-    long inflight;      /* requests between arrival and reply */
-    long connections;   /* open client connections */
+    size_t queue_depth;    /* worker jobs queued or running */
+    long inflight;         /* requests between arrival and reply */
+    long connections;      /* open client connections */
+    long request_timeouts; /* counter: connections closed, a request too slow */
+    long accept_pauses;    /* counter: accept paused (no descriptors or memory) */
 } kms_metrics_gauges;
 
 /* Fill r with the whole exposition (status 200, text/plain; version

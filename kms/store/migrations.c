@@ -50,6 +50,12 @@
  *                 the version.  Start-up reconciliation destroys only the
  *                 objects of old intents (and of destroyed versions); an
  *                 unknown object without an intent is kept.
+ *
+ * Version 5 (store faults):
+ *   store_probe   one row whose counter the writer increments, in a
+ *                 transaction of its own, to learn whether the store can be
+ *                 written again after a failure (disk full, read-only file,
+ *                 lock held elsewhere).  No other meaning.
  */
 #include "kms/store/store_internal.h"
 
@@ -144,6 +150,11 @@ static const migration migrations[] = {
      "    version  INTEGER NOT NULL,\n"
      "    created  INTEGER NOT NULL\n"
      ") WITHOUT ROWID;\n"},
+    {5, "store_probe: the writer's probe after a store failure",
+     "CREATE TABLE store_probe (\n"
+     "    id INTEGER PRIMARY KEY CHECK (id = 1),\n"
+     "    n  INTEGER NOT NULL\n"
+     ");\n"},
 };
 
 #define N_MIGRATIONS (sizeof(migrations) / sizeof(migrations[0]))

@@ -49,7 +49,15 @@
  * writer like every write; the key-create and version-add writes delete
  * the intent of their token_id in their own transaction.
  *
- * Locking: pool_mu guards the reader free list; writer_failed and the
+ * When a group fails in the store (SQLITE_FULL, SQLITE_BUSY past the busy
+ * timeout, an I/O error such as a read-only file), the group-commit writer
+ * refuses writes until sq_gc_probe commits: one counter in store_probe
+ * (schema 5) incremented in its own transaction, so the probe writes a WAL
+ * frame and fails as long as the disk is full or the file cannot be
+ * written (an empty transaction would commit without touching the disk).
+ * sq_ping (GET /v1/health) reports the store unavailable meanwhile.
+ *
+ * Locking: pool_mu guards the reader free list; the
  * checkpoint counters are atomic; wipe_pending and wipe_new are the
  * writer thread's own.  Nothing else is shared and mutable after open.
  */
@@ -61,6 +69,7 @@
 #include <pthread.h>
 #include <sqlite3.h>
 #include <stdatomic.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -73,6 +82,7 @@
 #define SQ_BUSY_TIMEOUT_MS 5000
 #define SQ_CKPT_TRIES      5   /* truncating checkpoint attempts after a destroy */
 #define SQ_CKPT_WAIT_MS    100 /* busy wait per attempt */
+#define SQ_PING_WAIT_MS    500 /* health: wait this long for a probe while failing */
 
 /* ---- statements --------------------------------------------------------- */
 
@@ -114,6 +124,7 @@ enum {
     W_AUDIT_KEY_PUT,
     W_INTENT_ADD,
     W_INTENT_DEL,
+    W_PROBE,
     W_COUNT
 };
 
@@ -186,6 +197,8 @@ static const char *const writer_sql[W_COUNT] = {
     [W_INTENT_ADD] = "INSERT OR REPLACE INTO kek_intents (token_id, key_name, version, created) "
                      "VALUES (?1, ?2, ?3, ?4)",
     [W_INTENT_DEL] = "DELETE FROM kek_intents WHERE token_id = ?1",
+    [W_PROBE] = "INSERT INTO store_probe (id, n) VALUES (1, 1) "
+                "ON CONFLICT (id) DO UPDATE SET n = n + 1",
 };
 
 /* Key rows joined with their versions and live DEK counts (one statement:
@@ -296,10 +309,9 @@ typedef struct sq_store {
     sq_conn *free_readers;
     int pool_ok;
     kms_gc *gc;
-    sq_ckpt *ckpt;            /* WAL checkpoints off the writer (sqlite_ckpt.c) */
-    atomic_int writer_failed; /* last group failed outside a constraint */
-    int wipe_pending;         /* writer thread only: destroyed bytes may be in the WAL */
-    int wipe_new;             /* writer thread only: this group destroyed something */
+    sq_ckpt *ckpt;    /* WAL checkpoints off the writer (sqlite_ckpt.c) */
+    int wipe_pending; /* writer thread only: destroyed bytes may be in the WAL */
+    int wipe_new;     /* writer thread only: this group destroyed something */
     atomic_uint_fast64_t wal_truncations;
     atomic_uint_fast64_t wal_truncate_busy;
     kms_sqlite_pragmas pragmas;
@@ -573,10 +585,8 @@ static p11kms_status sq_gc_begin(void *ctx)
     int rc = step_done(s->writer.stmt[W_BEGIN]);
 
     s->wipe_new = 0;
-    if (rc != SQLITE_DONE) {
-        atomic_store(&s->writer_failed, 1);
+    if (rc != SQLITE_DONE)
         return SQ_FAIL(s->writer.db, rc, "BEGIN IMMEDIATE");
-    }
     return P11KMS_OK;
 }
 
@@ -623,11 +633,8 @@ static p11kms_status sq_gc_commit(void *ctx)
     sq_store *s = ctx;
     int rc = step_done(s->writer.stmt[W_COMMIT]);
 
-    if (rc != SQLITE_DONE) {
-        atomic_store(&s->writer_failed, 1);
+    if (rc != SQLITE_DONE)
         return SQ_FAIL(s->writer.db, rc, "COMMIT");
-    }
-    atomic_store(&s->writer_failed, 0);
     if (s->wipe_pending)
         wal_truncate(s, s->wipe_new); /* before the callers wake: a destroy returns wiped */
     s->wipe_new = 0;
@@ -639,7 +646,6 @@ static void sq_gc_rollback(void *ctx)
     sq_store *s = ctx;
     int rc;
 
-    atomic_store(&s->writer_failed, 1);
     if (sqlite3_get_autocommit(s->writer.db))
         return; /* SQLite already rolled the transaction back */
     rc = step_done(s->writer.stmt[W_ROLLBACK]);
@@ -1333,6 +1339,35 @@ static p11kms_status sq_gc_audit_key_put(void *ctx, const unsigned char id[KMS_T
     return rc == SQLITE_DONE ? P11KMS_OK : SQ_FAIL(s->writer.db, rc, "recording the audit key id");
 }
 
+/* The probe of the failing writer (groupcommit.c): increment the counter
+ * of store_probe in a transaction of its own.  Quiet: the writer logs the
+ * reason it returns. */
+static p11kms_status sq_gc_probe(void *ctx, char *why, size_t whylen)
+{
+    sq_store *s = ctx;
+    sqlite3 *db = s->writer.db;
+    static const int steps[] = {W_BEGIN, W_PROBE, W_COMMIT};
+    static const char *const names[] = {"BEGIN IMMEDIATE", "probe write", "COMMIT"};
+    p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
+    int rc;
+
+    for (size_t i = 0; i < sizeof(steps) / sizeof(steps[0]); i++) {
+        rc = step_done(s->writer.stmt[steps[i]]);
+        if (rc != SQLITE_DONE) {
+            snprintf(why, whylen, "sqlite: %s: %s (%s, code %d)", names[i], sqlite3_errmsg(db),
+                     sqlite3_errstr(rc), rc);
+            goto out;
+        }
+    }
+    if (s->wipe_pending)
+        wal_truncate(s, 0); /* a destroy's WAL wipe that failed with the store */
+    rv = P11KMS_OK;
+out:
+    if (rv != P11KMS_OK && !sqlite3_get_autocommit(db))
+        step_done(s->writer.stmt[W_ROLLBACK]);
+    return rv;
+}
+
 static const kms_gc_ops sq_gc_ops = {
     .begin = sq_gc_begin,
     .apply = sq_gc_apply,
@@ -1343,6 +1378,7 @@ static const kms_gc_ops sq_gc_ops = {
     .audit_seal = sq_gc_audit_seal,
     .audit_key_get = sq_gc_audit_key_get,
     .audit_key_put = sq_gc_audit_key_put,
+    .probe = sq_gc_probe,
 };
 
 /* ---- open / close ------------------------------------------------------- */
@@ -1440,7 +1476,6 @@ static p11kms_status sq_ping(kms_store *st)
     sq_store *s = sq_of(st);
     p11kms_status rv = P11KMS_ERR_STORE_UNAVAILABLE;
     sq_conn *c = reader_get(s);
-    kms_write w = {.type = KMS_WRITE_NOOP};
     int rc;
 
     rc = sqlite3_step(c->stmt[R_PING]);
@@ -1448,9 +1483,10 @@ static p11kms_status sq_ping(kms_store *st)
         SQ_FAIL(c->db, rc, "ping");
         goto out;
     }
-    /* After a failed group, prove the writer can write again (an empty
-     * transaction: no fsync) before saying it is healthy. */
-    if (atomic_load(&s->writer_failed) && kms_gc_submit(s->gc, &w) != P11KMS_OK)
+    /* Readable is not enough: after a group failed in the store, healthy
+     * only once a probe write commits (asked for now, waited for briefly,
+     * so health answers in bounded time even while the lock is held). */
+    if (kms_gc_writable(s->gc, SQ_PING_WAIT_MS) != P11KMS_OK)
         goto out;
     rv = P11KMS_OK;
 out:

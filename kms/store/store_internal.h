@@ -31,6 +31,8 @@ typedef struct kms_store_stats_ex {
     uint64_t queued;            /* writes waiting for the writer right now */
     uint64_t wal_truncations;   /* truncating WAL checkpoints after destroys */
     uint64_t wal_truncate_busy; /* ... that a reader or writer blocked (retried later) */
+    uint64_t failing;           /* 1 while writes are refused (groupcommit.c), else 0 */
+    uint64_t refused_writes;    /* writes refused at once while failing */
 } kms_store_stats_ex;
 
 typedef struct kms_store_ops {
@@ -221,6 +223,14 @@ typedef struct kms_gc_ops {
     p11kms_status (*audit_seal)(void *ctx, const kms_audit_entry *e);
     p11kms_status (*audit_key_get)(void *ctx, unsigned char id[KMS_TOKEN_ID_LEN], int *found);
     p11kms_status (*audit_key_put)(void *ctx, const unsigned char id[KMS_TOKEN_ID_LEN]);
+    /* Optional.  One tiny durable write in its own transaction (it must
+     * really reach the disk, so that a full disk or a read-only file
+     * fails it) to learn whether the store can be written again; on
+     * failure a one-line reason in why (no bound values).  With a probe,
+     * a group that fails in the store makes the writer refuse writes at
+     * once until a probe commits (groupcommit.c); without one every group
+     * is tried. */
+    p11kms_status (*probe)(void *ctx, char *why, size_t whylen);
 } kms_gc_ops;
 
 typedef struct kms_gc kms_gc;
@@ -229,7 +239,8 @@ typedef struct kms_gc kms_gc;
 p11kms_status kms_gc_start(const kms_gc_ops *ops, void *ctx, kms_gc **out);
 
 /* Queue w, wait until its group is committed (durable) or failed, and
- * return its result.  P11KMS_ERR_STORE_UNAVAILABLE once stopping. */
+ * return its result.  P11KMS_ERR_STORE_UNAVAILABLE once stopping, and at
+ * once (w is not queued) while the writer is failing. */
 p11kms_status kms_gc_submit(kms_gc *gc, kms_write *w);
 
 /* Queue w and return at once: P11KMS_OK means on_done(arg) will be called
@@ -237,9 +248,16 @@ p11kms_status kms_gc_submit(kms_gc *gc, kms_write *w);
  * failed (w->result, and w's out fields, are then final).  on_done must
  * not block and must not submit a synchronous write.  w must stay valid
  * until then.  P11KMS_ERR_STORE_UNAVAILABLE (nothing queued, on_done is
- * never called) once stopping. */
+ * never called) once stopping, and while the writer is failing. */
 p11kms_status kms_gc_submit_async(kms_gc *gc, kms_write *w, void (*on_done)(void *arg),
                                   void *arg);
+
+/* Whether the writer can write: P11KMS_OK unless it is in the failing
+ * state (a group failed in the store and no probe has committed since).
+ * When failing, ask the writer for a probe at once and wait up to wait_ms
+ * for it; P11KMS_ERR_STORE_UNAVAILABLE if still failing.  For health
+ * checks: bounded however long the store blocks. */
+p11kms_status kms_gc_writable(kms_gc *gc, int wait_ms);
 
 /* Refuse new writes, let the writer drain what is queued, join it, free.
  * NULL is a no-op. */

@@ -3,8 +3,9 @@
  * talk HTTP to it over its Unix socket (libcurl).
  *
  * kh_setup makes a private SoftHSM2 token (testtoken.h), a temp dir with a
- * PIN file (0600), a kmsd.conf using relative paths (kms.db, kmsd.sock,
- * pin) and room for extra configuration lines.  kh_start forks and execs
+ * PIN file (0600), a kmsd.conf using relative paths (kmsd.sock, pin; the
+ * SQLite store at k->store.path, dir/kms.db unless a test moves it) and
+ * room for extra configuration lines.  kh_start forks and execs
  * kmsd with its stderr in dir/kmsd.log and waits until GET /v1/health
  * answers 200.
  */

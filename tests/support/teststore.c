@@ -107,7 +107,7 @@ const char *ts_db_conf(const ts_db *db)
     if (db->pg)
         snprintf(conf, sizeof(conf), "[store]\nbackend = postgres\nurl     = %s\n", db->url);
     else
-        snprintf(conf, sizeof(conf), "[store]\nbackend = sqlite\npath    = kms.db\n");
+        snprintf(conf, sizeof(conf), "[store]\nbackend = sqlite\npath    = %s\n", db->path);
     return conf;
 }
 

@@ -42,7 +42,8 @@ int ts_db_new(const char *dir, ts_db *db);
 /* Drop the schema (postgres; not for shared copies).  NULL-safe. */
 void ts_db_drop(ts_db *db);
 
-/* The [store] section of a kmsd.conf for db (static buffer). */
+/* The [store] section of a kmsd.conf for db (static buffer); SQLite:
+ * path = db->path (a test may point it elsewhere, e.g. a small filesystem). */
 const char *ts_db_conf(const ts_db *db);
 
 /* Run one SQL statement without results (postgres: in db's schema).
