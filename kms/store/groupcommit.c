@@ -16,7 +16,10 @@
  * canonical entry); the last one gets the MAC of the group (one token
  * call, through the callback the core installed) and becomes the sealed
  * head.  If any of it fails the whole group is rolled back: no change
- * without its entry, no entry without its seal.  An entry follows the
+ * without its entry, no entry without its seal.  Its writes then fail
+ * with P11KMS_ERR_STORE_UNAVAILABLE, or P11KMS_ERR_TOKEN_UNAVAILABLE when
+ * the MAC could not be made because the token is unavailable (the store
+ * is fine; the client and the log should say what is not).  An entry follows the
  * sealed head even when rows were edited behind kmsd's back (the chain
  * continues; verification reports where it broke).  KMS_WRITE_AUDIT_KEY
  * (get or create the MAC key id) is run here too, under the same lock.
@@ -56,12 +59,14 @@ struct kms_gc {
     void *mac_arg;           /* [mu] */
 };
 
-static void fail_all(kms_write *batch, size_t n)
+/* Every write of a rolled-back group fails with why: the store, or the
+ * token when the group's audit MAC could not be made. */
+static void fail_all(kms_write *batch, size_t n, p11kms_status why)
 {
     kms_write *w = batch;
 
     for (size_t i = 0; i < n; i++, w = w->next)
-        w->result = P11KMS_ERR_STORE_UNAVAILABLE;
+        w->result = why;
 }
 
 /* Nothing happened, so there is nothing to record: a capped insert that
@@ -84,11 +89,13 @@ static void entry_result_from(kms_audit_entry *e, p11kms_status result)
              result == P11KMS_OK ? "" : p11kms_status_code(result));
 }
 
-/* Append and seal the group's entries (inside its transaction). */
+/* Append and seal the group's entries (inside its transaction).  Fails
+ * with P11KMS_ERR_TOKEN_UNAVAILABLE when the MAC callback says the token
+ * is unavailable, else with P11KMS_ERR_STORE_UNAVAILABLE. */
 static p11kms_status append_audit(kms_gc *gc, kms_write *batch, kms_audit_mac_fn mac_fn,
                                   void *mac_arg)
 {
-    p11kms_status rv = P11KMS_OK;
+    p11kms_status rv = P11KMS_OK, mrv;
     kms_audit_head head;
     kms_audit_entry *last = NULL;
     unsigned char start[KMS_AUDIT_HASH_LEN], prev[KMS_AUDIT_HASH_LEN];
@@ -141,8 +148,11 @@ static p11kms_status append_audit(kms_gc *gc, kms_write *batch, kms_audit_mac_fn
             last = e;
         }
     }
-    if (mac_fn(mac_arg, start, last->hash, last->mac) != P11KMS_OK) {
+    mrv = mac_fn(mac_arg, start, last->hash, last->mac);
+    if (mrv != P11KMS_OK) {
         LOG_ERROR("store", "the audit MAC of a commit group failed: the group is rolled back");
+        if (mrv == P11KMS_ERR_TOKEN_UNAVAILABLE)
+            rv = mrv;
         goto out;
     }
     last->has_mac = 1;
@@ -185,9 +195,10 @@ static int run_group(kms_gc *gc, kms_write *batch, size_t n, kms_audit_mac_fn ma
 {
     kms_write *w = batch;
     int committed = 0;
+    p11kms_status rv;
 
     if (gc->ops->begin(gc->ctx) != P11KMS_OK) {
-        fail_all(batch, n);
+        fail_all(batch, n, P11KMS_ERR_STORE_UNAVAILABLE);
         goto out;
     }
     for (size_t i = 0; i < n; i++, w = w->next) {
@@ -199,18 +210,19 @@ static int run_group(kms_gc *gc, kms_write *batch, size_t n, kms_audit_mac_fn ma
             LOG_ERROR("store", "write %zu of a group of %zu failed: rolling the group back", i + 1,
                       n);
             gc->ops->rollback(gc->ctx);
-            fail_all(batch, n);
+            fail_all(batch, n, P11KMS_ERR_STORE_UNAVAILABLE);
             goto out;
         }
     }
-    if (append_audit(gc, batch, mac_fn, mac_arg) != P11KMS_OK) {
+    rv = append_audit(gc, batch, mac_fn, mac_arg);
+    if (rv != P11KMS_OK) {
         gc->ops->rollback(gc->ctx);
-        fail_all(batch, n);
+        fail_all(batch, n, rv);
         goto out;
     }
     if (gc->ops->commit(gc->ctx) != P11KMS_OK) {
         gc->ops->rollback(gc->ctx);
-        fail_all(batch, n);
+        fail_all(batch, n, P11KMS_ERR_STORE_UNAVAILABLE);
         goto out;
     }
     committed = 1;
