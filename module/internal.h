@@ -184,6 +184,10 @@ typedef CK_RV (*p11_op_fn)(p11_ctx *ctx, CK_SESSION_HANDLE s, void *arg, int *fl
  * re-initialise when needed (once), retry once. */
 CK_RV p11_run(p11_ctx *ctx, p11_op_fn op, void *arg);
 
+/* C_GetTokenInfo on the selected slot: CKR_OK while the token answers
+ * (quiet: the caller logs).  Caller holds the read lock. */
+CK_RV p11_token_present(p11_ctx *ctx);
+
 /* Open the first session and log in (p11_open and re-init).  Caller holds
  * the write lock or owns ctx. */
 CK_RV p11_pool_prime(p11_ctx *ctx);
