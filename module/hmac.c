@@ -65,7 +65,9 @@ static CK_RV op_hmac_create(p11_ctx *ctx, CK_SESSION_HANDLE s, void *argp, int *
     rv = P11_CALL(ctx, C_GenerateRandom, s, arg->id, P11_KEK_ID_LEN);
     if (rv != CKR_OK)
         goto out;
+    p11_objects_lock(ctx, 1);
     rv = P11_CALL(ctx, C_GenerateKey, s, &gen, tmpl, sizeof(tmpl) / sizeof(tmpl[0]), &h);
+    p11_objects_unlock(ctx);
 out:
     return rv;
 }

@@ -6,7 +6,7 @@
  * pooled session and recovers once from a lost session or device
  * (p11_run), the KEK handle cache and the secret-memory helpers.
  *
- * Locking (the only three locks of the layer, always taken in this order):
+ * Locking (the only locks of the layer, always taken in this order):
  *   ctx->lock      pthread_rwlock.  Every operation holds it for reading
  *                  while it uses a session; re-initialisation and
  *                  p11_close hold it for writing, so they never run while
@@ -17,6 +17,17 @@
  *                  C_OpenSession/C_CopyObject/C_CloseSession of that
  *                  session only, and taken before cache_mu when both are.
  *   ctx->cache_mu  the KEK handle cache [C].
+ *   ctx->objects_rw  token-object creation against searches: held for
+ *                  writing across every C_GenerateKey of a token object,
+ *                  for reading from C_FindObjectsInit to
+ *                  C_FindObjectsFinal (p11_objects_lock).  SoftHSM2 2.6.1
+ *                  fails a C_GenerateKey that overlaps another session's
+ *                  C_FindObjects (CKR_GENERAL_ERROR or
+ *                  CKR_TEMPLATE_INCONSISTENT) and leaves a half-made
+ *                  object behind (no CKA_LABEL, no CKA_ID).  Creations are
+ *                  rare (key create, rotate) and searches are cache misses.
+ *                  Taken last (under copy_mu by destroy and exists), and
+ *                  nothing is taken under it.
  * pool_mu and cache_mu are never held together, nor across a C_* call
  * (except by p11_pool_drain, which runs under the write lock, when no
  * other thread can be waiting for pool_mu).  pool_mu is never taken
@@ -138,6 +149,8 @@ struct p11_ctx {
      * on the first copy, closed (destroying every copy) by a flush. */
     pthread_mutex_t copy_mu;
     CK_SESSION_HANDLE copy_session; /* [K] CK_INVALID_HANDLE when closed */
+
+    pthread_rwlock_t objects_rw; /* creation vs search (see above) */
 };
 
 /* ---- the one wrapper every C_* call goes through ---------------------- */
@@ -184,6 +197,10 @@ typedef CK_RV (*p11_op_fn)(p11_ctx *ctx, CK_SESSION_HANDLE s, void *arg, int *fl
  * re-initialise when needed (once), retry once. */
 CK_RV p11_run(p11_ctx *ctx, p11_op_fn op, void *arg);
 
+/* C_GetTokenInfo on the selected slot: CKR_OK while the token answers
+ * (quiet: the caller logs).  Caller holds the read lock. */
+CK_RV p11_token_present(p11_ctx *ctx);
+
 /* Open the first session and log in (p11_open and re-init).  Caller holds
  * the write lock or owns ctx. */
 CK_RV p11_pool_prime(p11_ctx *ctx);
@@ -203,6 +220,10 @@ void p11_cache_flush(p11_ctx *ctx);
 /* The same, unless a whole flush already happened since flush_gen was
  * seen (the stale handle that asked for it is gone then). */
 void p11_cache_flush_since(p11_ctx *ctx, unsigned long seen);
+/* Take objects_rw: for writing around a token-object creation (create
+ * set), for reading around a search. */
+void p11_objects_lock(p11_ctx *ctx, int create);
+void p11_objects_unlock(p11_ctx *ctx);
 /* The token object's handle for id: from the cache, else C_FindObjects
  * (then cached).  Sets P11_OP_CACHED in *flags when cached.
  * CKR_KEY_HANDLE_INVALID when there is none. */

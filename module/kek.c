@@ -75,6 +75,13 @@ CK_RV p11_cache_setup(p11_ctx *ctx)
         ctx->buckets = NULL;
         goto out;
     }
+    if (pthread_rwlock_init(&ctx->objects_rw, NULL) != 0) {
+        pthread_mutex_destroy(&ctx->copy_mu);
+        pthread_mutex_destroy(&ctx->cache_mu);
+        free(ctx->buckets);
+        ctx->buckets = NULL;
+        goto out;
+    }
     rv = CKR_OK;
 out:
     return rv;
@@ -101,6 +108,20 @@ void p11_cache_teardown(p11_ctx *ctx)
     ctx->buckets = NULL;
     pthread_mutex_destroy(&ctx->cache_mu);
     pthread_mutex_destroy(&ctx->copy_mu);
+    pthread_rwlock_destroy(&ctx->objects_rw);
+}
+
+void p11_objects_lock(p11_ctx *ctx, int create)
+{
+    if (create)
+        pthread_rwlock_wrlock(&ctx->objects_rw);
+    else
+        pthread_rwlock_rdlock(&ctx->objects_rw);
+}
+
+void p11_objects_unlock(p11_ctx *ctx)
+{
+    pthread_rwlock_unlock(&ctx->objects_rw);
 }
 
 /* Caller holds copy_mu.  Closing the session destroys every copy in it. */
@@ -264,11 +285,15 @@ static CK_RV find_kek(p11_ctx *ctx, CK_SESSION_HANDLE s, const unsigned char *id
     CK_OBJECT_HANDLE found[2];
     CK_ULONG n = 0;
 
+    p11_objects_lock(ctx, 0);
     rv = P11_CALL(ctx, C_FindObjectsInit, s, tmpl, 3);
-    if (rv != CKR_OK)
+    if (rv != CKR_OK) {
+        p11_objects_unlock(ctx);
         goto out;
+    }
     rv = P11_CALL(ctx, C_FindObjects, s, found, 2, &n);
     rv2 = P11_CALL(ctx, C_FindObjectsFinal, s);
+    p11_objects_unlock(ctx);
     if (rv == CKR_OK)
         rv = rv2;
     if (rv2 != CKR_OK)
@@ -477,11 +502,15 @@ static CK_RV destroy_copies(p11_ctx *ctx, CK_SESSION_HANDLE s, const unsigned ch
     CK_OBJECT_HANDLE found[16];
     CK_ULONG n = 0, i;
 
+    p11_objects_lock(ctx, 0);
     rv = P11_CALL(ctx, C_FindObjectsInit, s, tmpl, 3);
-    if (rv != CKR_OK)
+    if (rv != CKR_OK) {
+        p11_objects_unlock(ctx);
         goto out;
+    }
     rv = P11_CALL(ctx, C_FindObjects, s, found, 16, &n);
     rv2 = P11_CALL(ctx, C_FindObjectsFinal, s);
+    p11_objects_unlock(ctx);
     if (rv == CKR_OK)
         rv = rv2;
     if (rv2 != CKR_OK)
@@ -560,7 +589,9 @@ static CK_RV op_create(p11_ctx *ctx, CK_SESSION_HANDLE s, void *argp, int *flags
             goto out;
     }
     (void)cache_get(ctx, arg->id, &unused, &cache_gen);
+    p11_objects_lock(ctx, 1);
     rv = P11_CALL(ctx, C_GenerateKey, s, &gen, tmpl, sizeof(tmpl) / sizeof(tmpl[0]), &h);
+    p11_objects_unlock(ctx);
     if (rv != CKR_OK)
         goto out;
     cache_put(ctx, arg->id, h, cache_gen);
@@ -743,9 +774,12 @@ static CK_RV op_list(p11_ctx *ctx, CK_SESSION_HANDLE s, void *argp, int *flags)
     int searching = 0;
 
     arg->count = 0; /* a retry starts over */
+    p11_objects_lock(ctx, 0);
     rv = P11_CALL(ctx, C_FindObjectsInit, s, tmpl, 2);
-    if (rv != CKR_OK)
+    if (rv != CKR_OK) {
+        p11_objects_unlock(ctx);
         goto out;
+    }
     searching = 1;
     do {
         if (cap_hs - n_hs < LIST_BATCH) {
@@ -765,6 +799,7 @@ static CK_RV op_list(p11_ctx *ctx, CK_SESSION_HANDLE s, void *argp, int *flags)
     } while (got == LIST_BATCH);
     searching = 0;
     rv = P11_CALL(ctx, C_FindObjectsFinal, s);
+    p11_objects_unlock(ctx);
     if (rv != CKR_OK) {
         *flags |= P11_OP_DIRTY;
         goto out;
@@ -802,6 +837,7 @@ static CK_RV op_list(p11_ctx *ctx, CK_SESSION_HANDLE s, void *argp, int *flags)
 out:
     if (searching) {
         rv2 = P11_CALL(ctx, C_FindObjectsFinal, s);
+        p11_objects_unlock(ctx);
         if (rv2 != CKR_OK)
             *flags |= P11_OP_DIRTY;
     }

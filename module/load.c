@@ -268,13 +268,28 @@ CK_FUNCTION_LIST *p11_function_list(p11_ctx *ctx)
     return ctx->fl;
 }
 
+/* A session can outlive the token's storage (SoftHSM2 keeps the sessions,
+ * and their session objects, of a token whose folder is gone): the token
+ * itself is asked too.  A token that does not answer is a lost device, so
+ * p11_run re-initialises the module (which finds it again once it is
+ * back). */
 static CK_RV op_probe(p11_ctx *ctx, CK_SESSION_HANDLE s, void *arg, int *flags)
 {
     CK_SESSION_INFO info;
+    CK_RV rv;
 
     (void)arg;
     (void)flags;
-    return P11_CALL(ctx, C_GetSessionInfo, s, &info);
+    rv = P11_CALL(ctx, C_GetSessionInfo, s, &info);
+    if (rv != CKR_OK)
+        goto out;
+    rv = p11_token_present(ctx);
+    if (rv != CKR_OK) {
+        LOG_WARN(P11_LOG_SUB, "presence probe: C_GetTokenInfo: %s", p11_rv_name(rv));
+        rv = CKR_TOKEN_NOT_PRESENT;
+    }
+out:
+    return rv;
 }
 
 CK_RV p11_probe(p11_ctx *ctx)

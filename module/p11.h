@@ -13,7 +13,9 @@
  * CKR_SESSION_CLOSED, CKR_DEVICE_ERROR, CKR_DEVICE_REMOVED,
  * CKR_TOKEN_NOT_PRESENT or CKR_OBJECT_HANDLE_INVALID the failed session and
  * the handle cache are dropped, the module is re-initialised under a lock
- * when needed, and the operation is retried once.  A refused login
+ * when needed, and the operation is retried once.  CKR_GENERAL_ERROR,
+ * CKR_FUNCTION_FAILED or a missing object from a token that then fails
+ * C_GetTokenInfo counts as CKR_TOKEN_NOT_PRESENT.  A refused login
  * (CKR_PIN_INCORRECT, CKR_PIN_LOCKED, ...) is never retried.
  *
  * Knows nothing of HTTP or SQL.  All functions are thread-safe.
@@ -51,9 +53,10 @@ CK_RV p11_open(const p11_config *cfg, p11_ctx **out);
 /* Log out, close every session, finalise and unload.  NULL is a no-op. */
 void p11_close(p11_ctx *ctx);
 
-/* Cheap presence probe for /v1/health: CKR_OK when the token is present
- * and the pool can reach it (re-initialising the module when it was
- * lost). */
+/* Cheap presence probe for /v1/health: CKR_OK when a pooled session
+ * answers and the token itself answers C_GetTokenInfo (a session may
+ * outlive the token's storage), re-initialising the module when it was
+ * lost. */
 CK_RV p11_probe(p11_ctx *ctx);
 
 /* The token label, blank-padding removed, NUL-terminated. */

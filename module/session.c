@@ -18,6 +18,13 @@
  * may still have an operation active (a token should end it on error, but
  * a network HSM whose request was lost on the way has not seen the
  * error), which would fail the next C_*Init of whoever takes it.
+ * A failure that a token which lost its storage answers as well as a
+ * healthy one may (CKR_GENERAL_ERROR, CKR_FUNCTION_FAILED, a stale or
+ * missing object) is followed by a presence check (p11_token_present): if
+ * the token no longer answers C_GetTokenInfo it is treated as a lost
+ * device.  SoftHSM2 2.6.1 whose token folder is moved away answers so,
+ * and keeps answering so after the folder is back, until the module is
+ * finalised and initialised again: only the re-initialisation recovers.
  *
  * Locking: see internal.h.  Operations hold ctx->lock for reading;
  * pool_mu only guards the stack and counters and is never held across a
@@ -260,6 +267,28 @@ void p11_pool_drain(p11_ctx *ctx, int logout)
     pthread_mutex_unlock(&ctx->pool_mu);
 }
 
+CK_RV p11_token_present(p11_ctx *ctx)
+{
+    CK_TOKEN_INFO info;
+
+    return P11_CALL_QUIET(ctx, C_GetTokenInfo, atomic_load(&ctx->slot), &info);
+}
+
+/* What a token that lost its objects or its storage says (as well as a
+ * healthy token for other reasons): worth a presence check. */
+static int is_suspect(CK_RV rv, enum action act)
+{
+    if (act != ACT_DONE && act != ACT_OBJECT && act != ACT_STALE && act != ACT_DIRTY)
+        return 0;
+    switch (rv) {
+    case CKR_GENERAL_ERROR:
+    case CKR_FUNCTION_FAILED:
+    case CKR_OBJECT_HANDLE_INVALID:
+    case CKR_KEY_HANDLE_INVALID: return 1;
+    default: return 0;
+    }
+}
+
 static enum action classify(CK_RV rv, int flags)
 {
     if (flags & P11_OP_DIRTY)
@@ -308,6 +337,18 @@ static CK_RV attempt(p11_ctx *ctx, p11_op_fn op, void *arg, enum action *act, in
     *ran = 1;
     rv = op(ctx, s, arg, &flags);
     *act = classify(rv, flags);
+    if (is_suspect(rv, *act)) {
+        CK_RV present = p11_token_present(ctx);
+
+        if (present != CKR_OK) {
+            LOG_WARN(P11_LOG_SUB,
+                     "%s, and the token does not answer C_GetTokenInfo (%s): "
+                     "treating it as removed",
+                     p11_rv_name(rv), p11_rv_name(present));
+            rv = CKR_TOKEN_NOT_PRESENT;
+            *act = ACT_REINIT;
+        }
+    }
     switch (*act) {
     case ACT_DONE: release(ctx, s, pool_gen, rv != CKR_OK, 0); break;
     case ACT_SESSION:

@@ -8,7 +8,9 @@
  * (the KEK's session-object copy when the token allows one), the session
  * from the pool, the GCM parameters live on the stack.
  * Any authentication failure reported by C_Decrypt becomes
- * CKR_ENCRYPTED_DATA_INVALID, and the plaintext buffer is wiped.  SoftHSM2
+ * CKR_ENCRYPTED_DATA_INVALID, and the plaintext buffer is wiped (but a
+ * CKR_GENERAL_ERROR from a token that no longer answers C_GetTokenInfo is
+ * CKR_TOKEN_NOT_PRESENT: the token is gone, the data is not at fault).  SoftHSM2
  * 2.6.1 says CKR_GENERAL_ERROR for a bad tag, wrong AAD or wrong key
  * (tests/test_module_token.c, test_softhsm_bad_tag_rv checks it); PKCS#11
  * 3.0 tokens say CKR_AEAD_DECRYPT_FAILED, others CKR_ENCRYPTED_DATA_INVALID.
@@ -264,7 +266,14 @@ static CK_RV op_unwrap(p11_ctx *ctx, CK_SESSION_HANDLE s, void *argp, int *flags
     rv = P11_CALL_QUIET(ctx, C_Decrypt, s, (CK_BYTE_PTR)arg->in + P11_GCM_IV_LEN, ct_len, buf,
                         &pt_len);
     arg->module_rv = rv;
-    if (is_auth_failure(rv)) {
+    /* SoftHSM2's word for a bad tag is also its word for a token that
+     * lost its storage: a token that no longer answers is not a verdict
+     * on the data (p11_run re-initialises and retries). */
+    if ((rv == CKR_GENERAL_ERROR || rv == CKR_FUNCTION_FAILED) &&
+        p11_token_present(ctx) != CKR_OK) {
+        LOG_WARN(P11_LOG_SUB, "C_Decrypt: %s, and the token does not answer", p11_rv_name(rv));
+        rv = CKR_TOKEN_NOT_PRESENT;
+    } else if (is_auth_failure(rv)) {
         LOG_WARN(P11_LOG_SUB, "C_Decrypt: AES-GCM authentication failed (module said %s)",
                  p11_rv_name(rv));
         rv = CKR_ENCRYPTED_DATA_INVALID;

@@ -23,6 +23,17 @@
  *    restart), and it holds no more file descriptors than before and no
  *    more token sessions than its pool allows (the shim counts the
  *    sessions open in SoftHSM2 and the faults it injected).
+ *  - no shim: the plain SoftHSM2 token's directory renamed away while kmsd
+ *    serves (the whole tokendir, or the token's own folder in it) and
+ *    renamed back.  SoftHSM2 2.6.1 then answers C_GetTokenInfo with
+ *    CKR_GENERAL_ERROR and token-object handles with
+ *    CKR_OBJECT_HANDLE_INVALID, finds no token object, and keeps doing so
+ *    after the folder is back until it is finalised and initialised again
+ *    (session objects, kmsd's KEK copies, keep working).  Every answer is
+ *    right or 503 token_unavailable, /v1/health says the token is
+ *    unavailable, a retire answers 503 (its object is not destroyed
+ *    behind a 200), and once the folder is back kmsd recovers without a
+ *    restart: every DEK acknowledged before, during and after decrypts.
  *
  * Each test starts its own kmsd (check forks; the shim's P11SHIM_*
  * variables are inherited by kmsd from the test's environment).
@@ -40,6 +51,7 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "module/p11.h"
 #include "support/kmsd_harness.h"
 #include "support/kmsd_test_util.h"
 
@@ -646,6 +658,168 @@ START_TEST(test_fault_rate_under_load)
 }
 END_TEST
 
+/* ---- the plain SoftHSM2 token's directory moved away and back ------------------ */
+
+/* _i & 1: what moves.  0: the whole tokendir (dir/tokens); 1: the token's
+ * own folder in it (dir/tokens/<uuid>), moved out of the tokendir
+ * (SoftHSM2 would load a folder renamed inside it as a token).
+ * _i >> 1: what comes first after the move.  A few datakeys and decrypts
+ * (served through the KEK copies until a token object is needed); a
+ * retire (a token-object destroy that finds no object); the health probe;
+ * or nothing: the folder comes straight back, unnoticed, and SoftHSM2 is
+ * left answering as if it were gone until it is re-initialised. */
+static const char *const AWAY_WHAT[] = {"tokendir", "token folder"};
+static const char *const AWAY_FIRST[] = {"datakeys", "retire", "health", "nothing"};
+
+static void token_folder(char *out, size_t len)
+{
+    char tokens[300];
+    DIR *d;
+    struct dirent *e;
+    int found = 0;
+
+    snprintf(tokens, sizeof(tokens), "%s/tokens", K.dir);
+    d = opendir(tokens);
+    ck_assert_ptr_nonnull(d);
+    while ((e = readdir(d)) != NULL) {
+        if (e->d_name[0] == '.')
+            continue;
+        ck_assert_int_eq(found, 0); /* one token */
+        ck_assert_int_lt(snprintf(out, len, "%s/%.64s", tokens, e->d_name), (int)len);
+        found = 1;
+    }
+    closedir(d);
+    ck_assert_int_eq(found, 1);
+}
+
+/* DEK i must decrypt to its bytes: 200 only. */
+static void decrypt_ok(int i)
+{
+    ck_assert_int_eq(decrypt(i), 200);
+}
+
+static long request_status(const char *method, const char *path, const char *body,
+                           const char **code)
+{
+    static char code_buf[64];
+    long status = 0;
+    json_t *j = ku_call(&K, method, path, body, &status);
+
+    snprintf(code_buf, sizeof(code_buf), "%s", error_code(j));
+    if (code != NULL)
+        *code = code_buf;
+    json_decref(j);
+    return status;
+}
+
+static void expect_unavailable(const char *method, const char *path, const char *body)
+{
+    const char *code = NULL;
+    long st = request_status(method, path, body, &code);
+
+    ck_assert_msg(st == 503 && strcmp(code, "token_unavailable") == 0,
+                  "%s %s with the token gone: %ld %s", method, path, st, code);
+}
+
+START_TEST(test_token_dir_moved_away_and_back)
+{
+    char from[400], to[400], label[64];
+    unsigned char v1[16];
+    json_t *h = NULL, *j;
+    long st;
+    int before, during = 0, first = _i >> 1;
+    p11_config cfg;
+    p11_ctx *p = NULL;
+
+    ck_assert_int_eq(kh_setup(&K, KMSD_PATH, "kmsd-away", NULL, NULL), 0);
+    n_deks = 0;
+    ck_assert_int_eq(kh_start(&K), 0);
+    create_key();
+    /* A second key with a retirable version 1 (no DEK on it). */
+    json_decref(ku_call(&K, "POST", "/v1/keys", "{\"name\":\"away2\"}", &st));
+    ck_assert_int_eq(st, 201);
+    json_decref(ku_call(&K, "POST", "/v1/keys/away2/rotate", NULL, &st));
+    ck_assert_int_eq(st, 200);
+    ck_assert_int_eq(ts_db_token_id(&K.store, "away2", 1, v1), 0);
+    for (int i = 0; i < 5; i++)
+        ck_assert_int_eq(datakey(), 201);
+    before = n_deks;
+    for (int i = 0; i < n_deks; i++)
+        decrypt_ok(i); /* the KEK copies exist now */
+
+    if ((_i & 1) == 0)
+        snprintf(from, sizeof(from), "%s/tokens", K.dir);
+    else
+        token_folder(from, sizeof(from));
+    snprintf(to, sizeof(to), "%s/token.away", K.dir);
+    ck_assert_int_eq(rename(from, to), 0);
+
+    if (first == 3) {
+        /* Back before any request: the next ones recover at once. */
+        ck_assert_int_eq(rename(to, from), 0);
+        for (int i = 0; i < 4; i++) {
+            ck_assert_int_eq(datakey(), 201);
+            decrypt_ok(i % before);
+        }
+        ck_assert_int_eq(health(NULL), 200);
+        goto back;
+    }
+    if (first == 1) /* the store step may pass; never a 200 over a surviving object */
+        expect_unavailable("DELETE", "/v1/keys/away2/versions/1", NULL);
+    if (first == 0) {
+        /* Before anything noticed: right answers or 503, never another. */
+        for (int i = 0; i < 4; i++) {
+            during += datakey() == 201;
+            (void)decrypt(i % before);
+        }
+    }
+    ck_assert_int_eq(health(&h), 503);
+    ck_assert_str_eq(json_string_value(json_object_get(h, "status")), "unavailable");
+    ck_assert_str_eq(json_string_value(json_object_get(h, "token")), "unavailable");
+    ck_assert_str_eq(json_string_value(json_object_get(h, "store")), "ok");
+    ck_assert_str_eq(error_code(h), "token_unavailable");
+    json_decref(h);
+    /* From now on every token operation fails closed. */
+    for (int i = 0; i < 3; i++) {
+        int n = n_deks;
+
+        ck_assert_int_eq(datakey(), 503);
+        ck_assert_int_eq(n_deks, n);
+        ck_assert_int_eq(decrypt(i), 503);
+        ck_assert_int_eq(health(NULL), 503);
+    }
+    expect_unavailable("POST", "/v1/keys/faults/rotate", NULL);
+    expect_unavailable("POST", "/v1/keys", "{\"name\":\"away3\"}");
+    expect_unavailable("DELETE", "/v1/keys/away2/versions/1", NULL);
+    ck_assert_int_eq(rename(to, from), 0);
+    ck_assert_int_eq(health(NULL), 200); /* the probe re-initialises */
+
+back:
+    fprintf(stderr, "token %s away (%s first): %d of %d datakeys served before kmsd noticed\n",
+            AWAY_WHAT[_i & 1], AWAY_FIRST[first], during, first == 0 ? 4 : 0);
+    for (int i = 0; i < 5; i++)
+        ck_assert_int_eq(datakey(), 201);
+    all_decrypt();
+    j = ku_call(&K, "POST", "/v1/keys/faults/rotate", NULL, &st);
+    ck_assert_int_eq(st, 200);
+    json_decref(j);
+    ck_assert_int_eq(datakey(), 201);
+    /* A retire that answered 503 finishes when called again. */
+    st = request_status("DELETE", "/v1/keys/away2/versions/1", NULL, NULL);
+    ck_assert_int_eq(st, 200);
+    memset(&cfg, 0, sizeof(cfg));
+    cfg.module = K.tt.module;
+    cfg.uri = K.tt.uri;
+    cfg.pin = TT_PIN;
+    ck_assert_int_eq(p11_open(&cfg, &p), CKR_OK);
+    ck_assert_int_eq(p11_kek_label(p, v1, label, sizeof(label)), CKR_KEY_HANDLE_INVALID);
+    p11_close(p);
+    all_decrypt();
+    stop();
+    kh_teardown(&K);
+}
+END_TEST
+
 static Suite *suite(void)
 {
     Suite *s = suite_create("kmsd_faults");
@@ -657,6 +831,7 @@ static Suite *suite(void)
     tcase_add_test(tc, test_refused_login_never_retried);
     tcase_add_loop_test(tc, test_pin_flags_refuse_start, 0, 2);
     tcase_add_test(tc, test_fault_rate_under_load);
+    tcase_add_loop_test(tc, test_token_dir_moved_away_and_back, 0, 8);
     suite_add_tcase(s, tc);
     return s;
 }

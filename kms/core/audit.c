@@ -89,7 +89,9 @@ p11kms_status kms_audit_settle(kms_core *core, kms_audit_entry *e, p11kms_status
     LOG_ERROR("core", "the audit entry of %s by %s could not be written (%s)%s", e->operation,
               e->principal, p11kms_status_code(ars),
               rv == P11KMS_OK ? ": the operation fails closed" : "");
-    return rv == P11KMS_OK ? P11KMS_ERR_STORE_UNAVAILABLE : rv;
+    if (rv != P11KMS_OK)
+        return rv;
+    return ars == P11KMS_ERR_TOKEN_UNAVAILABLE ? ars : P11KMS_ERR_STORE_UNAVAILABLE;
 }
 
 p11kms_status kms_audit_record(kms_core *core, const char *operation, const char *key,

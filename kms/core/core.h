@@ -285,7 +285,8 @@ void kms_datakey_clear(kms_datakey *k);
  * transaction as the change, the others (decrypt, show, list, and
  * failures before any write) in an entry of their own that is durable
  * before the call returns: a successful operation whose entry cannot be
- * written returns P11KMS_ERR_STORE_UNAVAILABLE and hands out nothing.
+ * written returns P11KMS_ERR_STORE_UNAVAILABLE (P11KMS_ERR_TOKEN_UNAVAILABLE
+ * when the token could not seal it) and hands out nothing.
  * kms_core_new creates the audit MAC key in the token on first start. */
 
 /* The principal recorded for the core calls of the calling thread (copied;
@@ -296,8 +297,9 @@ const char *kms_core_actor(void);
 /* Append the entry of a request that never reached an operation: a
  * refusal (result P11KMS_ERR_FORBIDDEN -> "refused"), by the thread's
  * actor.  key, dek_id may be NULL.  Returns result, or
- * P11KMS_ERR_STORE_UNAVAILABLE when result was P11KMS_OK and the entry
- * could not be written. */
+ * P11KMS_ERR_STORE_UNAVAILABLE (P11KMS_ERR_TOKEN_UNAVAILABLE: the token
+ * could not seal it) when result was P11KMS_OK and the entry could not be
+ * written. */
 p11kms_status kms_audit_record(kms_core *core, const char *operation, const char *key,
                                const char *dek_id, p11kms_status result);
 

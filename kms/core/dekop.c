@@ -66,12 +66,13 @@ static void on_write(void *arg)
         op_fail(op, ws); /* the row and its entry were rolled back */
         return;
     } else if (ws != P11KMS_OK) {
-        /* A decrypt's entry did not commit: fail closed, like settle. */
+        /* A decrypt's entry did not commit: fail closed, like settle
+         * (token_unavailable when the token could not seal it). */
         LOG_ERROR("core",
                   "the audit entry of %s by %s could not be written (%s): the operation fails "
                   "closed",
                   op->ae.operation, op->ae.principal, p11kms_status_code(ws));
-        op->rv = P11KMS_ERR_STORE_UNAVAILABLE;
+        op->rv = ws == P11KMS_ERR_TOKEN_UNAVAILABLE ? ws : P11KMS_ERR_STORE_UNAVAILABLE;
         OPENSSL_cleanse(&op->result, sizeof(op->result));
     }
     op->done(op->arg);

@@ -21,8 +21,11 @@
  * canonical entry); the last one gets the MAC of the group (one token
  * call, through the callback the core installed) and becomes the sealed
  * head.  If any of it fails the whole group is rolled back: no change
- * without its entry, no entry without its seal.  An entry follows the
- * sealed head even when rows were edited behind kmsd's back (the chain
+ * without its entry, no entry without its seal.  Its writes then fail
+ * with P11KMS_ERR_STORE_UNAVAILABLE, or P11KMS_ERR_TOKEN_UNAVAILABLE when
+ * the MAC could not be made (a token fault: the store is fine, and the
+ * client, the log and the failing state below should say what is not).
+ * An entry follows the sealed head even when rows were edited behind kmsd's back (the chain
  * continues; verification reports where it broke).  KMS_WRITE_AUDIT_KEY
  * (get or create the MAC key id) is run here too, under the same lock.
  *
@@ -114,12 +117,14 @@ static double seconds_since(const struct timespec *t)
     return (double)(now.tv_sec - t->tv_sec) + (double)(now.tv_nsec - t->tv_nsec) / 1e9;
 }
 
-static void fail_all(kms_write *batch, size_t n)
+/* Every write of a rolled-back group fails with why: the store, or the
+ * token when the group's audit MAC could not be made. */
+static void fail_all(kms_write *batch, size_t n, p11kms_status why)
 {
     kms_write *w = batch;
 
     for (size_t i = 0; i < n; i++, w = w->next)
-        w->result = P11KMS_ERR_STORE_UNAVAILABLE;
+        w->result = why;
 }
 
 /* Nothing happened, so there is nothing to record: a capped insert that
@@ -148,7 +153,7 @@ static void entry_result_from(kms_audit_entry *e, p11kms_status result)
 static p11kms_status append_audit(kms_gc *gc, kms_write *batch, kms_audit_mac_fn mac_fn,
                                   void *mac_arg)
 {
-    p11kms_status rv = P11KMS_OK;
+    p11kms_status rv = P11KMS_OK, mrv;
     kms_audit_head head;
     kms_audit_entry *last = NULL;
     unsigned char start[KMS_AUDIT_HASH_LEN], prev[KMS_AUDIT_HASH_LEN];
@@ -202,7 +207,8 @@ static p11kms_status append_audit(kms_gc *gc, kms_write *batch, kms_audit_mac_fn
             last = e;
         }
     }
-    if (mac_fn(mac_arg, start, last->hash, last->mac) != P11KMS_OK) {
+    mrv = mac_fn(mac_arg, start, last->hash, last->mac);
+    if (mrv != P11KMS_OK) {
         LOG_ERROR("store", "the audit MAC of a commit group failed: the group is rolled back");
         rv = P11KMS_ERR_TOKEN_UNAVAILABLE;
         goto out;
@@ -255,7 +261,7 @@ static enum group_end run_group(kms_gc *gc, kms_write *batch, size_t n, kms_audi
     p11kms_status rv;
 
     if (gc->ops->begin(gc->ctx) != P11KMS_OK) {
-        fail_all(batch, n);
+        fail_all(batch, n, P11KMS_ERR_STORE_UNAVAILABLE);
         goto out;
     }
     for (size_t i = 0; i < n; i++, w = w->next) {
@@ -267,21 +273,21 @@ static enum group_end run_group(kms_gc *gc, kms_write *batch, size_t n, kms_audi
             LOG_ERROR("store", "write %zu of a group of %zu failed: rolling the group back", i + 1,
                       n);
             gc->ops->rollback(gc->ctx);
-            fail_all(batch, n);
+            fail_all(batch, n, P11KMS_ERR_STORE_UNAVAILABLE);
             goto out;
         }
     }
     rv = append_audit(gc, batch, mac_fn, mac_arg);
     if (rv != P11KMS_OK) {
         gc->ops->rollback(gc->ctx);
-        fail_all(batch, n);
+        fail_all(batch, n, rv);
         if (rv != P11KMS_ERR_STORE_UNAVAILABLE)
             end = GROUP_FAILED;
         goto out;
     }
     if (gc->ops->commit(gc->ctx) != P11KMS_OK) {
         gc->ops->rollback(gc->ctx);
-        fail_all(batch, n);
+        fail_all(batch, n, P11KMS_ERR_STORE_UNAVAILABLE);
         goto out;
     }
     end = GROUP_COMMITTED;

@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -186,12 +187,21 @@ static void dump_log(const kh_kmsd *k)
     free(log);
 }
 
+int kh_spawn(kh_kmsd *k)
+{
+    k->pid = spawn(k);
+    if (k->pid < 0) {
+        k->pid = 0;
+        return -1;
+    }
+    return 0;
+}
+
 int kh_start(kh_kmsd *k)
 {
     kh_response r;
 
-    k->pid = spawn(k);
-    if (k->pid < 0)
+    if (kh_spawn(k) != 0)
         return -1;
     for (int i = 0; i < 6000; i++) {
         if (waitpid(k->pid, NULL, WNOHANG) == k->pid) {
@@ -283,6 +293,13 @@ static size_t on_data(char *data, size_t size, size_t n, void *arg)
     return grow(arg, data, size * n);
 }
 
+static atomic_int quiet;
+
+void kh_set_quiet(int q)
+{
+    atomic_store(&quiet, q);
+}
+
 int kh_request_h(CURL *c, const char *sock, const char *method, const char *path, const char *body,
                  size_t body_len, const char *const *headers, kh_response *out)
 {
@@ -316,7 +333,8 @@ int kh_request_h(CURL *c, const char *sock, const char *method, const char *path
     curl_easy_setopt(c, CURLOPT_HTTPHEADER, NULL);
     curl_slist_free_all(list);
     if (cc != CURLE_OK) {
-        fprintf(stderr, "curl %s %s: %s\n", method, path, curl_easy_strerror(cc));
+        if (!atomic_load(&quiet))
+            fprintf(stderr, "curl %s %s: %s\n", method, path, curl_easy_strerror(cc));
         free(b.p);
         free(h.p);
         return -1;

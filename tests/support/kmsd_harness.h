@@ -56,6 +56,10 @@ int kh_setup_peer(kh_kmsd *k, const kh_kmsd *first, const char *server_extra, co
 /* Rewrite kmsd.conf (same rules as kh_setup). */
 int kh_write_conf(kh_kmsd *k, const char *server_extra, const char *extra);
 
+/* Start kmsd without waiting for it (k->pid is set): for a kill during
+ * its start-up.  0 or -1. */
+int kh_spawn(kh_kmsd *k);
+
 /* Start kmsd and wait up to 60 s for /v1/health 200.  0 or -1 (then the
  * process is reaped and its log printed to stderr). */
 int kh_start(kh_kmsd *k);
@@ -76,6 +80,10 @@ void kh_teardown(kh_kmsd *k);
  * an HTTP response arrived. */
 int kh_request(const char *sock, const char *method, const char *path, const char *body,
                size_t body_len, const char *const *headers, kh_response *out);
+
+/* A request that got no HTTP response is reported on stderr unless quiet
+ * is set (a test that kills kmsd under load expects many). */
+void kh_set_quiet(int quiet);
 
 /* Same with a caller-owned handle (keep-alive across calls). */
 int kh_request_h(CURL *c, const char *sock, const char *method, const char *path, const char *body,
