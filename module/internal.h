@@ -130,6 +130,10 @@ struct p11_ctx {
     _Atomic unsigned long gen;   /* [W] bumped by every re-initialisation */
     int initialized;             /* [W] C_Initialize done, not finalised */
     _Atomic CK_RV login_refused; /* sticky: CKR_OK, or why C_Login refused */
+    /* CLOCK_MONOTONIC ms of the last re-initialisation for a key object
+     * the token did not find (session.c: at most one per
+     * P11_MISSING_REINIT_MS). */
+    _Atomic uint64_t missing_reinit_ms;
 
     pthread_mutex_t pool_mu;
     pthread_cond_t pool_cv;

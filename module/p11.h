@@ -136,6 +136,17 @@ CK_RV p11_unwrap(p11_ctx *ctx, const unsigned char kek_id[P11_KEK_ID_LEN],
                  const unsigned char *in, size_t in_len,
                  unsigned char *pt, size_t *pt_len);
 
+/* A key object the store says exists was not found (CKR_KEY_HANDLE_INVALID
+ * from p11_unwrap or p11_generate_and_wrap) although the token answers:
+ * re-initialise the module to refresh its view of the token, then the
+ * caller tries once more.  SoftHSM2 shared by several processes (nodes on
+ * one token directory) can miss an object another process created while
+ * it created its own, until it is initialised again.  At most once per 10
+ * s (an object that is really gone costs one re-initialisation per
+ * period): CKR_FUNCTION_REJECTED when not now, else the re-initialisation's
+ * result. */
+CK_RV p11_refresh(p11_ctx *ctx);
+
 /* ---- the audit MAC key (hmac.c) ---- */
 
 #define P11_HMAC_LEN 32 /* HMAC-SHA256 */

@@ -32,6 +32,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "internal.h"
 
@@ -274,6 +275,22 @@ CK_RV p11_token_present(p11_ctx *ctx)
     return P11_CALL_QUIET(ctx, C_GetTokenInfo, atomic_load(&ctx->slot), &info);
 }
 
+/* p11_refresh: at most one re-initialisation per this period. */
+#define P11_MISSING_REINIT_MS 10000u
+
+static int missing_reinit_due(p11_ctx *ctx)
+{
+    struct timespec ts;
+    uint64_t now, last;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    /* Shifted by a period, so that the first one (last == 0) is due. */
+    now = (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u + P11_MISSING_REINIT_MS;
+    last = atomic_load(&ctx->missing_reinit_ms);
+    return now - last >= P11_MISSING_REINIT_MS &&
+           atomic_compare_exchange_strong(&ctx->missing_reinit_ms, &last, now);
+}
+
 /* What a token that lost its objects or its storage says (as well as a
  * healthy token for other reasons): worth a presence check. */
 static int is_suspect(CK_RV rv, enum action act)
@@ -400,6 +417,18 @@ static CK_RV reinit(p11_ctx *ctx, unsigned long gen_seen)
 out:
     pthread_rwlock_unlock(&ctx->lock);
     return rv;
+}
+
+CK_RV p11_refresh(p11_ctx *ctx)
+{
+    unsigned long gen;
+
+    if (!missing_reinit_due(ctx))
+        return CKR_FUNCTION_REJECTED;
+    LOG_WARN(P11_LOG_SUB, "a key object the store knows was not found although the token "
+                          "answers: re-initialising the module to refresh its view of the token");
+    gen = atomic_load(&ctx->gen);
+    return reinit(ctx, gen);
 }
 
 CK_RV p11_run(p11_ctx *ctx, p11_op_fn op, void *arg)

@@ -499,6 +499,24 @@ START_TEST(test_recover_module_finalized)
 }
 END_TEST
 
+/* p11_refresh (a key the store knows was not found): it re-initialises the
+ * module, which then works as before, and at most once per period. */
+START_TEST(test_refresh_rate_limited)
+{
+    p11_ctx *ctx = tm_open();
+    unsigned char id[P11_KEK_ID_LEN], dek[32] = {7}, blob[32 + P11_WRAP_OVERHEAD], back[32];
+    size_t blob_len = sizeof(blob), back_len = sizeof(back);
+
+    ck_assert_uint_eq(p11_kek_create(ctx, "p11kms:refresh:v1", id), CKR_OK);
+    ck_assert_uint_eq(p11_wrap(ctx, id, NULL, 0, dek, sizeof(dek), blob, &blob_len), CKR_OK);
+    ck_assert_uint_eq(p11_refresh(ctx), CKR_OK);
+    ck_assert_uint_eq(p11_refresh(ctx), CKR_FUNCTION_REJECTED); /* not twice in 10 s */
+    ck_assert_uint_eq(p11_unwrap(ctx, id, NULL, 0, blob, blob_len, back, &back_len), CKR_OK);
+    ck_assert_mem_eq(back, dek, sizeof(dek));
+    p11_close(ctx);
+}
+END_TEST
+
 /* ---- login ---------------------------------------------------------------------- */
 
 START_TEST(test_wrong_pin)
@@ -649,6 +667,7 @@ static Suite *module_suite(void)
     tcase_add_test(tc, test_threads_small_pool);
     tcase_add_test(tc, test_recover_sessions_closed);
     tcase_add_test(tc, test_recover_module_finalized);
+    tcase_add_test(tc, test_refresh_rate_limited);
     tcase_add_test(tc, test_wrong_pin);
     tcase_add_test(tc, test_label_probe_random);
     tcase_add_test(tc, test_module_by_p11kit_name);

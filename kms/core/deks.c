@@ -103,6 +103,11 @@ p11kms_status kms_dek_wrap_attempt(kms_core *core, const char *key, char *canoni
     /* DEK and IV from one C_GenerateRandom (a fresh DEK per attempt). */
     crv = p11_generate_and_wrap(kms_core_token(core), ver->token_id, aad, aad_len, KMS_DEK_LEN,
                                 plaintext, dek->wrapped, &dek->wrapped_len);
+    if (crv == CKR_KEY_HANDLE_INVALID && p11_refresh(kms_core_token(core)) == CKR_OK) {
+        dek->wrapped_len = sizeof(dek->wrapped);
+        crv = p11_generate_and_wrap(kms_core_token(core), ver->token_id, aad, aad_len,
+                                    KMS_DEK_LEN, plaintext, dek->wrapped, &dek->wrapped_len);
+    }
     if (crv != CKR_OK) {
         rv = kms_status_from_rv(crv);
         if (rv == P11KMS_ERR_INTEGRITY_FAILURE)
@@ -245,6 +250,11 @@ p11kms_status kms_dek_unwrap_checked(kms_core *core, const char *dek_id,
         goto out;
     crv = p11_unwrap(kms_core_token(core), ver->token_id, aad, aad_len, dek->wrapped,
                      dek->wrapped_len, result->plaintext, &pt_len);
+    if (crv == CKR_KEY_HANDLE_INVALID && p11_refresh(kms_core_token(core)) == CKR_OK) {
+        pt_len = KMS_DEK_LEN;
+        crv = p11_unwrap(kms_core_token(core), ver->token_id, aad, aad_len, dek->wrapped,
+                         dek->wrapped_len, result->plaintext, &pt_len);
+    }
     if (crv == CKR_OK && pt_len != KMS_DEK_LEN)
         crv = CKR_ENCRYPTED_DATA_INVALID;
     if (crv != CKR_OK) {
