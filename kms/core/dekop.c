@@ -49,6 +49,20 @@ struct kms_dek_op {
 
 static void op_fail(kms_dek_op *op, p11kms_status rv);
 
+/* op's audit entry could not be written (ws): logged, and an operation
+ * that had succeeded fails closed, as kms_audit_settle does
+ * (token_unavailable when the token could not seal the entry). */
+static void entry_unwritten(kms_dek_op *op, p11kms_status ws)
+{
+    LOG_ERROR("core", "the audit entry of %s by %s could not be written (%s)%s",
+              op->ae.operation, op->ae.principal, p11kms_status_code(ws),
+              op->rv == P11KMS_OK ? ": the operation fails closed" : "");
+    if (op->rv != P11KMS_OK)
+        return;
+    op->rv = ws == P11KMS_ERR_TOKEN_UNAVAILABLE ? ws : P11KMS_ERR_STORE_UNAVAILABLE;
+    OPENSSL_cleanse(&op->result, sizeof(op->result));
+}
+
 static void on_write(void *arg)
 {
     kms_dek_op *op = arg;
@@ -57,8 +71,7 @@ static void on_write(void *arg)
 
     if (op->phase == OP_SETTLE) {
         if (ws != P11KMS_OK)
-            LOG_ERROR("core", "the audit entry of %s by %s could not be written (%s)",
-                      op->ae.operation, op->ae.principal, p11kms_status_code(ws));
+            entry_unwritten(op, ws);
     } else if (op->generate && ws == P11KMS_OK && refused) {
         op->rerun = 1; /* the cap filled meanwhile: nothing was written */
         OPENSSL_cleanse(&op->result, sizeof(op->result));
@@ -66,14 +79,7 @@ static void on_write(void *arg)
         op_fail(op, ws); /* the row and its entry were rolled back */
         return;
     } else if (ws != P11KMS_OK) {
-        /* A decrypt's entry did not commit: fail closed, like settle
-         * (token_unavailable when the token could not seal it). */
-        LOG_ERROR("core",
-                  "the audit entry of %s by %s could not be written (%s): the operation fails "
-                  "closed",
-                  op->ae.operation, op->ae.principal, p11kms_status_code(ws));
-        op->rv = ws == P11KMS_ERR_TOKEN_UNAVAILABLE ? ws : P11KMS_ERR_STORE_UNAVAILABLE;
-        OPENSSL_cleanse(&op->result, sizeof(op->result));
+        entry_unwritten(op, ws); /* a decrypt's entry did not commit */
     }
     op->done(op->arg);
 }
@@ -91,8 +97,7 @@ static void op_fail(kms_dek_op *op, p11kms_status rv)
     ws = kms_store_audit_append_async(kms_core_store(op->core), &op->ae, 1, op->write, on_write,
                                       op);
     if (ws != P11KMS_OK) {
-        LOG_ERROR("core", "the audit entry of %s by %s could not be written (%s)",
-                  op->ae.operation, op->ae.principal, p11kms_status_code(ws));
+        entry_unwritten(op, ws);
         op->done(op->arg);
     }
 }
@@ -196,11 +201,7 @@ static void decrypt_begin(kms_dek_op *op, const char *dek_id, const kms_dek_rec 
     rv = kms_store_audit_append_async(kms_core_store(op->core), &op->ae, 1, op->write, on_write,
                                       op);
     if (rv != P11KMS_OK) {
-        LOG_ERROR("core", "the audit entry of %s by %s could not be written (%s): the operation "
-                          "fails closed",
-                  op->ae.operation, op->ae.principal, p11kms_status_code(rv));
-        op->rv = P11KMS_ERR_STORE_UNAVAILABLE;
-        OPENSSL_cleanse(&op->result, sizeof(op->result));
+        entry_unwritten(op, rv);
         op->done(op->arg);
     }
 }

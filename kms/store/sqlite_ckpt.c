@@ -78,8 +78,11 @@ p11kms_status sq_ckpt_start(const char *path, sq_ckpt **out)
         goto out;
     }
     /* FULL: the database file is fsynced before the WAL may be reused. */
-    if (sqlite3_exec(c->db, "PRAGMA synchronous = FULL", NULL, NULL, NULL) != SQLITE_OK)
+    if (sqlite3_exec(c->db, "PRAGMA synchronous = FULL", NULL, NULL, NULL) != SQLITE_OK) {
+        LOG_ERROR("store", "sqlite: checkpoint connection: PRAGMA synchronous: %s",
+                  sqlite3_errmsg(c->db));
         goto out;
+    }
     rv = P11KMS_ERR_INTERNAL;
     if (pthread_mutex_init(&c->mu, NULL) != 0)
         goto out;
