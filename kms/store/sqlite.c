@@ -82,6 +82,7 @@
 #define SQ_BUSY_TIMEOUT_MS 5000
 #define SQ_CKPT_TRIES      5   /* truncating checkpoint attempts after a destroy */
 #define SQ_CKPT_WAIT_MS    100 /* busy wait per attempt */
+#define SQ_RESTART_WAIT_MS 20  /* wal_restart: wait for readers (then next commit) */
 #define SQ_PING_WAIT_MS    500 /* health: wait this long for a probe while failing */
 
 /* ---- statements --------------------------------------------------------- */
@@ -314,6 +315,7 @@ typedef struct sq_store {
     int wipe_new;     /* writer thread only: this group destroyed something */
     atomic_uint_fast64_t wal_truncations;
     atomic_uint_fast64_t wal_truncate_busy;
+    atomic_uint_fast64_t wal_restarts;
     kms_sqlite_pragmas pragmas;
 } sq_store;
 
@@ -628,6 +630,30 @@ static void wal_truncate(sq_store *s, int patient)
         SQ_FAIL(db, rc, "truncating WAL checkpoint after a destroy");
 }
 
+/* Keep the WAL from growing without bound under steady load (see
+ * sqlite_ckpt.c): once it holds SQ_WAL_MAX_PAGES pages, copy what the
+ * checkpoint thread has not copied yet and restart the WAL from its
+ * start (RESTART: waits briefly for readers still on old frames).  The
+ * writer pauses for that copy, about once per 64 MiB of WAL.  When it is
+ * blocked (a reader, or the checkpoint thread mid-copy) the next commit
+ * tries again. */
+static void wal_restart(sq_store *s)
+{
+    sqlite3 *db = s->writer.db;
+    int rc, log_frames = -1, ckpt_frames = -1;
+
+    sqlite3_busy_timeout(db, SQ_RESTART_WAIT_MS);
+    rc = sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_RESTART, &log_frames, &ckpt_frames);
+    sqlite3_busy_timeout(db, SQ_BUSY_TIMEOUT_MS);
+    if (rc == SQLITE_OK)
+        atomic_fetch_add(&s->wal_restarts, 1);
+    else if ((rc & 0xff) == SQLITE_BUSY || (rc & 0xff) == SQLITE_LOCKED)
+        LOG_DEBUG("store", "WAL restart blocked (%d of %d frames copied): next commit",
+                  ckpt_frames, log_frames);
+    else
+        SQ_FAIL(db, rc, "restarting WAL checkpoint");
+}
+
 static p11kms_status sq_gc_commit(void *ctx)
 {
     sq_store *s = ctx;
@@ -637,6 +663,8 @@ static p11kms_status sq_gc_commit(void *ctx)
         return SQ_FAIL(s->writer.db, rc, "COMMIT");
     if (s->wipe_pending)
         wal_truncate(s, s->wipe_new); /* before the callers wake: a destroy returns wiped */
+    else if (sq_ckpt_wal_pages(s->ckpt) >= SQ_WAL_MAX_PAGES)
+        wal_restart(s);
     s->wipe_new = 0;
     return P11KMS_OK;
 }
@@ -2239,6 +2267,7 @@ static void sq_stats(kms_store *st, kms_store_stats_ex *out)
     kms_gc_stats(s->gc, out);
     out->wal_truncations = atomic_load(&s->wal_truncations);
     out->wal_truncate_busy = atomic_load(&s->wal_truncate_busy);
+    out->wal_restarts = atomic_load(&s->wal_restarts);
 }
 
 p11kms_status kms_sqlite_pragmas_get(kms_store *st, kms_sqlite_pragmas *out)

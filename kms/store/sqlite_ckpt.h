@@ -9,8 +9,13 @@
 
 #include "p11kms/status.h"
 
-/* WAL size (pages) that asks for a checkpoint: SQLite's own default. */
+/* WAL growth (pages) that asks for a checkpoint: SQLite's own default
+ * threshold, counted from the last request. */
 #define SQ_CKPT_PAGES 1000
+
+/* WAL size (pages, 4 KiB each) at which the writer restarts the WAL
+ * itself (sqlite.c): 64 MiB. */
+#define SQ_WAL_MAX_PAGES 16384
 
 typedef struct sq_ckpt sq_ckpt;
 
@@ -19,9 +24,13 @@ typedef struct sq_ckpt sq_ckpt;
 p11kms_status sq_ckpt_start(const char *path, sq_ckpt **out);
 
 /* The writer connection's sqlite3_wal_hook (arg: the sq_ckpt): asks for
- * a checkpoint once the WAL holds SQ_CKPT_PAGES pages; never blocks on
- * the checkpoint itself. */
+ * a checkpoint each time the WAL has grown by SQ_CKPT_PAGES pages; never
+ * blocks on the checkpoint itself. */
 int sq_ckpt_wal_hook(void *arg, sqlite3 *db, const char *name, int pages);
+
+/* The WAL's size in pages after the writer's last commit (writer thread
+ * only: the hook runs there). */
+int sq_ckpt_wal_pages(const sq_ckpt *c);
 
 /* Stop the thread (a checkpoint in progress finishes) and close. */
 void sq_ckpt_stop(sq_ckpt *c);
