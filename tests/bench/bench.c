@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <sys/utsname.h>
 #include <time.h>
 #include <unistd.h>
@@ -41,6 +42,54 @@ double bench_now(void)
 
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+}
+
+double bench_cpu_self(void)
+{
+    struct rusage ru;
+
+    if (getrusage(RUSAGE_SELF, &ru) != 0)
+        return -1;
+    return (double)(ru.ru_utime.tv_sec + ru.ru_stime.tv_sec) +
+           (double)(ru.ru_utime.tv_usec + ru.ru_stime.tv_usec) / 1e6;
+}
+
+double bench_cpu_pid(pid_t pid)
+{
+    /* Not /proc/<pid>/schedstat: that is the main thread's alone. */
+    clockid_t clock;
+    struct timespec ts;
+    char path[64], buf[1024];
+    const char *p;
+    unsigned long long utime, stime;
+    long tck = sysconf(_SC_CLK_TCK);
+    size_t n;
+    int fields;
+    FILE *f = NULL;
+    double cpu = -1;
+
+    if (clock_getcpuclockid(pid, &clock) == 0 && clock_gettime(clock, &ts) == 0) {
+        cpu = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
+        goto out;
+    }
+    snprintf(path, sizeof(path), "/proc/%ld/stat", (long)pid);
+    if (tck <= 0 || (f = fopen(path, "r")) == NULL)
+        goto out;
+    n = fread(buf, 1, sizeof(buf) - 1, f);
+    buf[n] = '\0';
+    /* utime and stime: fields 14 and 15, the 12th and 13th after the
+     * command name's closing ')'. */
+    if ((p = strrchr(buf, ')')) == NULL)
+        goto out;
+    fields =
+        sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &utime, &stime);
+    if (fields != 2)
+        goto out;
+    cpu = (double)(utime + stime) / (double)tck;
+out:
+    if (f != NULL)
+        fclose(f);
+    return cpu;
 }
 
 void bench_set(json_t *out, const char *name, double v)

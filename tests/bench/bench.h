@@ -13,6 +13,8 @@
 #ifndef P11KMS_TESTS_BENCH_H
 #define P11KMS_TESTS_BENCH_H
 
+#include <sys/types.h>
+
 #include <jansson.h>
 
 typedef struct bench_opts {
@@ -30,6 +32,15 @@ typedef struct bench_opts {
 
 /* Monotonic seconds. */
 double bench_now(void);
+
+/* CPU seconds (user + system) this process has used so far, all its
+ * threads, exited ones included (getrusage RUSAGE_SELF). */
+double bench_cpu_self(void);
+
+/* CPU seconds process pid has used so far, all its threads, exited ones
+ * included (its process CPU clock, clock_getcpuclockid: nanoseconds; else
+ * utime + stime of /proc/<pid>/stat, in clock ticks).  -1 if unknown. */
+double bench_cpu_pid(pid_t pid);
 
 /* Sections: 0 on success (figures set in out), -1 with a message. */
 int bench_raw(const bench_opts *o, json_t *out);
