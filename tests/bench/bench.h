@@ -17,6 +17,10 @@
 
 #include <jansson.h>
 
+/* Event loops of kmsd by default ([server] threads, kms/server/config.c):
+ * the kmsd of http.c runs with as many, and so does the ceiling server. */
+#define BENCH_KMSD_LOOPS 2
+
 typedef struct bench_opts {
     double seconds;      /* length of one measured run */
     int clients;         /* concurrent HTTP clients (32) */
@@ -51,6 +55,34 @@ int bench_rewrap(const bench_opts *o, json_t *out); /* rewrap_deks_s (rewrap.c) 
 /* --socket: datakeys against already running kmsd nodes (several nodes on
  * one database: the clients are spread over the sockets). */
 int bench_external(const bench_opts *o, json_t *out);
+
+/* The HTTP load generator (load.c): `clients` keep-alive clients spread
+ * round-robin over the Unix sockets socks[0..n_socks-1]. */
+typedef struct bench_load bench_load;
+
+typedef struct bench_load_result {
+    double ops_s; /* successful replies per second */
+    double p50_ms, p99_ms, max_ms;
+    unsigned long ok, errors;
+    double cpu_self_s;   /* CPU of this process over the run (the clients, and
+                          * anything else running in it) */
+    double cpu_server_s; /* CPU of the server process over the run, or -1 */
+} bench_load_result;
+
+/* 0, or -1 (*out untouched).  Free with bench_load_free (NULL is a no-op). */
+int bench_load_new(const char *const *socks, int n_socks, int clients, bench_load **out);
+void bench_load_free(bench_load *l);
+
+/* Run the first n clients for `seconds`: datakeys (expecting 201), or with
+ * decrypt the DEK ids each client was issued so far (200).  server: the
+ * pid whose CPU is measured as cpu_server_s, or 0.  0, or -1. */
+int bench_load_run(bench_load *l, int n, int decrypt, double seconds, pid_t server,
+                   bench_load_result *r);
+
+/* The run as a JSON object (ops_s, p50_ms, p99_ms, max_ms, ok, errors,
+ * and per reply self_cpu_us: this process, server_cpu_us: the server
+ * process); new reference. */
+json_t *bench_load_json(const bench_load_result *r);
 
 /* out[name] = v rounded to 2 decimals. */
 void bench_set(json_t *out, const char *name, double v);
