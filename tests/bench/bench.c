@@ -7,13 +7,23 @@
  *                [--slow-delay-us US]
  *   p11kms_bench --socket SOCK[,SOCK...]   (datakeys against running kmsd nodes)
  *
- * LIST is a comma-separated subset of raw,inproc,http,slow,rewrap (default all).
- * FILE defaults to $P11KMS_BENCH_OUT, else bench-results.json.  Progress
- * goes to stderr, the table to stdout.  Every service figure is also given
- * as a ratio to the raw token primitive measured in the same run, because
- * absolute numbers drift between machines; the issue's targets are shown
- * beside them.  Nothing here asserts: the exit status is non-zero only
- * when a section could not run.
+ * LIST is a comma-separated subset of raw,inproc,http,slow,rewrap,ceiling
+ * (default all).  FILE defaults to $P11KMS_BENCH_OUT, else
+ * bench-results.json.  Progress goes to stderr, the table to stdout.  Every
+ * service figure is also given as a ratio to the raw token primitive
+ * measured in the same run, because absolute numbers drift between
+ * machines; the issue's targets are shown beside them.
+ *
+ * CPU per operation: raw, inproc and ceiling figures come with the process
+ * CPU (getrusage) of their measured run per operation; the HTTP ones with
+ * kmsd's CPU plus the load generator's (*_kmsd_cpu_us + *_client_cpu_us).
+ * From the ceiling (ceiling.c: one HTTP/JSON exchange with no KMS behind
+ * it) and the raw token figures this file derives cpu_bound_datakey_ops_s
+ * and cpu_bound_decrypt_ops_s = CPUs x 1e6 / (raw_http_cpu_us +
+ * raw_<op>_cpu_us): the most any server could answer on this machine, its
+ * load generator included, if a request cost one exchange and one token
+ * operation.  Nothing here asserts: the exit status is non-zero only when
+ * a section could not run.
  */
 #include <getopt.h>
 #include <math.h>
@@ -121,7 +131,7 @@ double bench_quantile(float *v, size_t n, double q)
 /* ---- the table -------------------------------------------------------------------- */
 
 typedef struct row {
-    const char *field;
+    const char *field; /* NULL: a blank line */
     const char *unit;
     const char *raw;    /* the raw primitive it is compared to, or NULL */
     const char *ratio;  /* name of the ratio field */
@@ -149,7 +159,29 @@ static const row rows[] = {
     {"slow_token_scaling", "x", NULL, NULL, ">= 10", 1, 10, 0},
     {"rewrap_deks_s", "DEKs/s", "raw_rewrap_ops_s", "rewrap_vs_raw_rewrap", ">= 0.5 x raw", 1, 0.5,
      1},
+    {NULL, NULL, NULL, NULL, NULL, 0, 0, 0},
+    {"raw_generate_cpu_us", "us/op", NULL, NULL, "", 0, 0, 0},
+    {"raw_decrypt_cpu_us", "us/op", NULL, NULL, "", 0, 0, 0},
+    {"inproc_datakey_cpu_us", "us/op", NULL, NULL, "", 0, 0, 0},
+    {"inproc_decrypt_cpu_us", "us/op", NULL, NULL, "", 0, 0, 0},
+    {"http_datakey_cpu_us", "us/op", NULL, NULL, "", 0, 0, 0},
+    {"http_datakey_kmsd_cpu_us", "us/op", NULL, NULL, "", 0, 0, 0},
+    {"http_datakey_client_cpu_us", "us/op", NULL, NULL, "", 0, 0, 0},
+    {"http_decrypt_cpu_us", "us/op", NULL, NULL, "", 0, 0, 0},
+    {"http_decrypt_kmsd_cpu_us", "us/op", NULL, NULL, "", 0, 0, 0},
+    {"http_decrypt_client_cpu_us", "us/op", NULL, NULL, "", 0, 0, 0},
+    {"raw_http_ops_s", "ops/s", NULL, NULL, "", 0, 0, 0},
+    {"raw_http_cpu_us", "us/op", NULL, NULL, "", 0, 0, 0},
+    {"cpu_bound_datakey_ops_s", "ops/s", "raw_generate_ops_s", "cpu_bound_datakey_vs_raw_generate",
+     "", 0, 0, 1},
+    {"cpu_bound_decrypt_ops_s", "ops/s", "raw_decrypt_ops_s", "cpu_bound_decrypt_vs_raw_decrypt",
+     "", 0, 0, 1},
 };
+
+#define CPU_BOUND_NOTE                                                                             \
+    "CPUs x 1e6 / (raw_http_cpu_us + raw_<op>_cpu_us): the most any server could answer on this "  \
+    "machine (load generator included) if a request cost one HTTP/JSON exchange and one raw "      \
+    "token operation; no store, no durability, no audit"
 
 static int num(json_t *root, const char *field, double *v)
 {
@@ -161,23 +193,47 @@ static int num(json_t *root, const char *field, double *v)
     return 1;
 }
 
-/* Compute the ratios and targets into root, and print the table. */
-static void finish(json_t *root)
+/* cpu_bound_<op>_ops_s = cpus x 1e6 / (raw_http_cpu_us + raw_<cpu>_cpu_us),
+ * when both were measured. */
+static void cpu_bound(json_t *root, long cpus, const char *op, const char *raw)
+{
+    char field[64];
+    double http_us, raw_us;
+
+    snprintf(field, sizeof(field), "raw_%s_cpu_us", raw);
+    if (cpus < 1 || !num(root, "raw_http_cpu_us", &http_us) || !num(root, field, &raw_us) ||
+        http_us + raw_us <= 0)
+        return;
+    snprintf(field, sizeof(field), "cpu_bound_%s_ops_s", op);
+    bench_set(root, field, (double)cpus * 1e6 / (http_us + raw_us));
+}
+
+/* Derive the CPU-bound ceilings, compute the ratios and targets into root,
+ * and print the table. */
+static void finish(json_t *root, long cpus)
 {
     json_t *ratios = json_object(), *targets = json_object();
 
-    printf("\n%-22s %12s %-7s %-20s %7s  %-14s %s\n", "figure", "value", "unit", "relative to",
+    cpu_bound(root, cpus, "datakey", "generate");
+    cpu_bound(root, cpus, "decrypt", "decrypt");
+    printf("\n%-26s %12s %-7s %-20s %7s  %-14s %s\n", "figure", "value", "unit", "relative to",
            "ratio", "target", "met");
-    printf("%.*s\n", 100,
+    printf("%.*s\n", 104,
            "-------------------------------------------------------------------------------------"
-           "---------------");
+           "-------------------");
     for (size_t i = 0; i < sizeof(rows) / sizeof(rows[0]); i++) {
         const row *r = &rows[i];
         double v = 0, raw = 0, ratio = 0, subject;
-        int have = num(root, r->field, &v);
-        int have_ratio = have && r->raw != NULL && num(root, r->raw, &raw) && raw > 0;
+        int have, have_ratio;
         char value[32], ratio_s[16];
         const char *met = "";
+
+        if (r->field == NULL) {
+            printf("\n");
+            continue;
+        }
+        have = num(root, r->field, &v);
+        have_ratio = have && r->raw != NULL && num(root, r->raw, &raw) && raw > 0;
 
         if (have_ratio) {
             ratio = v / raw;
@@ -204,13 +260,16 @@ static void finish(json_t *root)
             snprintf(ratio_s, sizeof(ratio_s), "%.3f", ratio);
         else
             snprintf(ratio_s, sizeof(ratio_s), "%s", r->raw != NULL ? "-" : "");
-        printf("%-22s %12s %-7s %-20s %7s  %-14s %s\n", r->field, value, r->unit,
+        printf("%-26s %12s %-7s %-20s %7s  %-14s %s\n", r->field, value, r->unit,
                r->raw != NULL ? r->raw : "", ratio_s, r->target, met);
     }
     {
         json_t *note = json_object_get(json_object_get(root, "notes"), "rewrap_deks_s");
         if (json_is_string(note))
             printf("\nrewrap_deks_s: %s\n", json_string_value(note));
+        if (json_object_get(root, "cpu_bound_datakey_ops_s") != NULL ||
+            json_object_get(root, "cpu_bound_decrypt_ops_s") != NULL)
+            printf("cpu_bound_*: %ld %s\n", cpus, CPU_BOUND_NOTE);
     }
     json_object_set_new(root, "ratios", ratios);
     json_object_set_new(root, "targets", targets);
@@ -233,11 +292,19 @@ static int wanted(const char *only, const char *section)
 static void usage(FILE *f)
 {
     fprintf(f, "usage: p11kms_bench [--seconds S] [--clients N] [--out FILE] [--only "
-               "raw,inproc,http,slow,rewrap]\n"
+               "raw,inproc,http,slow,rewrap,ceiling]\n"
                "                    [--kmsd PATH] [--shim PATH] [--softhsm PATH] "
                "[--slow-delay-us US]\n"
                "       p11kms_bench --socket SOCK[,SOCK...] [--seconds S] [--clients N]\n"
-               "                    (datakeys against running kmsd nodes only)\n");
+               "                    (datakeys against running kmsd nodes only)\n"
+               "\n"
+               "Figures: ops/s of the raw token primitives (raw), the core library in-process\n"
+               "(inproc), kmsd on its Unix socket (http), kmsd on a slow token (slow), stored\n"
+               "rewrap (rewrap), and a bare libevent+jansson HTTP server answering datakeys\n"
+               "with a fixed reply (ceiling: raw_http_ops_s), each with CPU microseconds per\n"
+               "operation (*_cpu_us; for http, kmsd's and the clients'), and the CPU-bound\n"
+               "ceiling cpu_bound_{datakey,decrypt}_ops_s = CPUs x 1e6 / (raw_http_cpu_us +\n"
+               "raw_{generate,decrypt}_cpu_us).  See docs/performance.md.\n");
 }
 
 int main(int argc, char **argv)
@@ -286,14 +353,22 @@ int main(int argc, char **argv)
     }
     signal(SIGPIPE, SIG_IGN);
 
+    if (wanted(only, "raw") || wanted(only, "inproc") || wanted(only, "rewrap") ||
+        wanted(only, "ceiling")) {
+        if (tt_tempdir(tmpdir, sizeof(tmpdir)) != 0) {
+            fprintf(stderr, "p11kms_bench: cannot make a temp dir\n");
+            return 1;
+        }
+        o.tmpdir = tmpdir;
+    }
     if (wanted(only, "raw") || wanted(only, "inproc") || wanted(only, "rewrap")) {
-        if (tt_token_new("p11kms-bench", &tt) != 0 || tt_tempdir(tmpdir, sizeof(tmpdir)) != 0) {
+        if (tt_token_new("p11kms-bench", &tt) != 0) {
             fprintf(stderr, "p11kms_bench: cannot make a token\n");
+            tt_rmtree(tmpdir);
             return 1;
         }
         have_token = 1;
         o.uri = tt.uri;
-        o.tmpdir = tmpdir;
     }
     if (wanted(only, "raw") && bench_raw(&o, root) != 0)
         failed++;
@@ -304,20 +379,24 @@ int main(int argc, char **argv)
      * SOFTHSM2_CONF at them, so this token would no longer be found. */
     if (wanted(only, "rewrap") && bench_rewrap(&o, root) != 0)
         failed++;
+    /* The raw HTTP ceiling (ceiling.c): no token, a socket in tmpdir. */
+    if (wanted(only, "ceiling") && bench_ceiling(&o, root) != 0)
+        failed++;
     if (wanted(only, "http") && bench_http(&o, root) != 0)
         failed++;
     if (wanted(only, "slow") && bench_slow(&o, root) != 0)
         failed++;
     if (o.sockets != NULL && bench_external(&o, root) != 0)
         failed++;
-    if (have_token) {
+    if (have_token)
         tt_token_remove(&tt);
+    if (tmpdir[0] != '\0')
         tt_rmtree(tmpdir);
-    }
 
     json_object_set_new(notes, "rewrap_deks_s",
                         json_string("100 000 DEKs issued in-process, key rotated, one "
                                     "kms_key_rewrap of the whole key (256 per commit)"));
+    json_object_set_new(notes, "cpu_bound", json_string(CPU_BOUND_NOTE));
     json_object_set_new(root, "notes", notes);
 
     strftime(date, sizeof(date), "%Y-%m-%dT%H:%M:%SZ", gmtime(&now));
@@ -331,7 +410,7 @@ int main(int argc, char **argv)
     json_object_set_new(machine, "slow_delay_us", json_integer(o.slow_delay_us));
     json_object_set_new(root, "machine", machine);
 
-    finish(root);
+    finish(root, sysconf(_SC_NPROCESSORS_ONLN));
     json_object_set_new(root, "duration_s", json_real(round(bench_now() - t_start)));
     if (json_dump_file(root, out_path, JSON_INDENT(2) | JSON_SORT_KEYS) != 0) {
         fprintf(stderr, "p11kms_bench: cannot write %s\n", out_path);

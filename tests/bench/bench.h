@@ -4,11 +4,14 @@
  *
  * One program measures, in one run on one machine: the raw token
  * primitives (raw.c), the core library with the durable SQLite store
- * (inproc.c), and kmsd over its Unix socket, on SoftHSM2 directly and
- * through the delay shim (http.c).  bench.c runs the sections, prints the
- * table and writes the JSON.  Each section writes its figures into a
- * jansson object; a figure it could not measure is absent (or null).
- * Every run is bounded in time (--seconds per figure) and request count.
+ * (inproc.c), kmsd over its Unix socket, on SoftHSM2 directly and through
+ * the delay shim (http.c), and a bare HTTP/JSON server with no KMS behind
+ * it (ceiling.c); http.c and ceiling.c share the load generator (load.c).
+ * Each figure comes with the CPU it cost per operation (*_cpu_us).  bench.c
+ * runs the sections, derives the CPU-bound ceilings, prints the table and
+ * writes the JSON.  Each section writes its figures into a jansson object;
+ * a figure it could not measure is absent (or null).  Every run is bounded
+ * in time (--seconds per figure) and request count.
  */
 #ifndef P11KMS_TESTS_BENCH_H
 #define P11KMS_TESTS_BENCH_H
@@ -55,6 +58,8 @@ int bench_rewrap(const bench_opts *o, json_t *out); /* rewrap_deks_s (rewrap.c) 
 /* --socket: datakeys against already running kmsd nodes (several nodes on
  * one database: the clients are spread over the sockets). */
 int bench_external(const bench_opts *o, json_t *out);
+/* The raw HTTP ceiling (ceiling.c): raw_http_ops_s, raw_http_cpu_us. */
+int bench_ceiling(const bench_opts *o, json_t *out);
 
 /* The HTTP load generator (load.c): `clients` keep-alive clients spread
  * round-robin over the Unix sockets socks[0..n_socks-1]. */
