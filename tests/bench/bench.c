@@ -25,6 +25,7 @@
  * operation.  Nothing here asserts: the exit status is non-zero only when
  * a section could not run.
  */
+#include <dirent.h>
 #include <getopt.h>
 #include <math.h>
 #include <signal.h>
@@ -100,6 +101,94 @@ out:
     if (f != NULL)
         fclose(f);
     return cpu;
+}
+
+/* Add one thread's utime/stime (ticks) to its name's group. */
+static void threads_add(bench_threads *t, const char *name, double user_s, double sys_s)
+{
+    int i;
+
+    for (i = 0; i < t->n && strcmp(t->g[i].name, name) != 0; i++)
+        ;
+    if (i == t->n) {
+        if (t->n == BENCH_THREAD_GROUPS)
+            return;
+        snprintf(t->g[i].name, sizeof(t->g[i].name), "%s", name);
+        t->g[i].user_s = t->g[i].sys_s = 0;
+        t->n++;
+    }
+    t->g[i].user_s += user_s;
+    t->g[i].sys_s += sys_s;
+}
+
+/* One thread's name and utime/stime from /proc/<pid>/task/<tid>/stat. */
+static int thread_read(pid_t pid, const char *tid, char name[16], double *user_s, double *sys_s)
+{
+    char path[96], buf[1024];
+    const char *open_paren, *close_paren;
+    unsigned long long utime, stime;
+    long tck = sysconf(_SC_CLK_TCK);
+    size_t n, len;
+    FILE *f;
+    int rc = -1;
+
+    snprintf(path, sizeof(path), "/proc/%ld/task/%s/stat", (long)pid, tid);
+    if (tck <= 0 || (f = fopen(path, "r")) == NULL)
+        return -1;
+    n = fread(buf, 1, sizeof(buf) - 1, f);
+    buf[n] = '\0';
+    fclose(f);
+    open_paren = strchr(buf, '(');
+    close_paren = strrchr(buf, ')');
+    if (open_paren == NULL || close_paren == NULL || close_paren < open_paren)
+        goto out;
+    len = (size_t)(close_paren - open_paren - 1);
+    if (len > 15)
+        len = 15;
+    memcpy(name, open_paren + 1, len);
+    name[len] = '\0';
+    if (sscanf(close_paren + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &utime,
+               &stime) != 2)
+        goto out;
+    *user_s = (double)utime / (double)tck;
+    *sys_s = (double)stime / (double)tck;
+    rc = 0;
+out:
+    return rc;
+}
+
+int bench_threads_read(pid_t pid, bench_threads *t)
+{
+    char path[64], name[16];
+    struct dirent *de;
+    double user_s, sys_s;
+    DIR *d;
+
+    memset(t, 0, sizeof(*t));
+    snprintf(path, sizeof(path), "/proc/%ld/task", (long)pid);
+    if ((d = opendir(path)) == NULL)
+        return -1;
+    while ((de = readdir(d)) != NULL)
+        if (de->d_name[0] != '.' && thread_read(pid, de->d_name, name, &user_s, &sys_s) == 0)
+            threads_add(t, name, user_s, sys_s);
+    closedir(d);
+    return 0;
+}
+
+void bench_threads_diff(const bench_threads *before, const bench_threads *after,
+                        bench_threads *out)
+{
+    memset(out, 0, sizeof(*out));
+    for (int i = 0; i < after->n; i++) {
+        double user_s = after->g[i].user_s, sys_s = after->g[i].sys_s;
+
+        for (int j = 0; j < before->n; j++)
+            if (strcmp(before->g[j].name, after->g[i].name) == 0) {
+                user_s -= before->g[j].user_s;
+                sys_s -= before->g[j].sys_s;
+            }
+        threads_add(out, after->g[i].name, user_s, sys_s);
+    }
 }
 
 void bench_set(json_t *out, const char *name, double v)
@@ -210,6 +299,29 @@ static void cpu_bound(json_t *root, long cpus, const char *op, const char *raw)
 
 /* Derive the CPU-bound ceilings, compute the ratios and targets into root,
  * and print the table. */
+
+/* One line: kmsd's CPU per request of http_details.<op> by thread name
+ * (from /proc: clock ticks, so a few us either way). */
+static void print_threads(json_t *details, const char *op)
+{
+    json_t *threads = json_object_get(json_object_get(details, op), "server_threads");
+    const char *name;
+    json_t *g;
+
+    if (!json_is_object(threads))
+        return;
+    printf("kmsd CPU per %s by thread (us, user + system):", op);
+    json_object_foreach(threads, name, g)
+    {
+        double u = json_real_value(json_object_get(g, "user_us"));
+        double sy = json_real_value(json_object_get(g, "sys_us"));
+
+        if (u + sy >= 0.5)
+            printf(" %s %.0f + %.0f;", name, u, sy);
+    }
+    printf("\n");
+}
+
 static void finish(json_t *root, long cpus)
 {
     json_t *ratios = json_object(), *targets = json_object();
@@ -270,6 +382,8 @@ static void finish(json_t *root, long cpus)
         if (json_object_get(root, "cpu_bound_datakey_ops_s") != NULL ||
             json_object_get(root, "cpu_bound_decrypt_ops_s") != NULL)
             printf("cpu_bound_*: %ld %s\n", cpus, CPU_BOUND_NOTE);
+        print_threads(json_object_get(root, "http_details"), "datakey");
+        print_threads(json_object_get(root, "http_details"), "decrypt");
     }
     json_object_set_new(root, "ratios", ratios);
     json_object_set_new(root, "targets", targets);

@@ -49,6 +49,25 @@ double bench_cpu_self(void);
  * utime + stime of /proc/<pid>/stat, in clock ticks).  -1 if unknown. */
 double bench_cpu_pid(pid_t pid);
 
+/* The CPU of a process's threads grouped by thread name (kmsd names its
+ * threads: kmsd-loop, kmsd-worker, kms-writer, kms-checkpoint), user and
+ * system apart, from /proc/<pid>/task/<tid>/stat (clock ticks). */
+#define BENCH_THREAD_GROUPS 12
+typedef struct bench_threads {
+    int n;
+    struct {
+        char name[16];
+        double user_s, sys_s;
+    } g[BENCH_THREAD_GROUPS];
+} bench_threads;
+
+/* Snapshot pid's threads into t: 0, or -1 (no /proc). */
+int bench_threads_read(pid_t pid, bench_threads *t);
+
+/* after - before, per group (threads that exited in between are lost). */
+void bench_threads_diff(const bench_threads *before, const bench_threads *after,
+                        bench_threads *out);
+
 /* Sections: 0 on success (figures set in out), -1 with a message. */
 int bench_raw(const bench_opts *o, json_t *out);
 int bench_inproc(const bench_opts *o, json_t *out);
@@ -72,6 +91,7 @@ typedef struct bench_load_result {
     double cpu_self_s;   /* CPU of this process over the run (the clients, and
                           * anything else running in it) */
     double cpu_server_s; /* CPU of the server process over the run, or -1 */
+    bench_threads server_threads; /* cpu_server_s by thread name (n = 0: unknown) */
 } bench_load_result;
 
 /* 0, or -1 (*out untouched).  Free with bench_load_free (NULL is a no-op). */
@@ -86,7 +106,7 @@ int bench_load_run(bench_load *l, int n, int decrypt, double seconds, pid_t serv
 
 /* The run as a JSON object (ops_s, p50_ms, p99_ms, max_ms, ok, errors,
  * and per reply self_cpu_us: this process, server_cpu_us: the server
- * process); new reference. */
+ * process, server_threads: {name: {user_us, sys_us}}); new reference. */
 json_t *bench_load_json(const bench_load_result *r);
 
 /* out[name] = v rounded to 2 decimals. */

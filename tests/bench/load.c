@@ -260,6 +260,8 @@ int bench_load_run(bench_load *l, int n, int decrypt, double seconds, pid_t serv
     float *all = NULL;
     size_t n_all = 0;
     double t0, self0, server0 = -1, server1 = -1, elapsed;
+    bench_threads threads0, threads1;
+    int have_threads = 0;
     int rc = -1;
 
     memset(r, 0, sizeof(*r));
@@ -278,14 +280,18 @@ int bench_load_run(bench_load *l, int n, int decrypt, double seconds, pid_t serv
     pthread_barrier_wait(&start);
     t0 = bench_now();
     self0 = bench_cpu_self();
-    if (server > 0)
+    if (server > 0) {
         server0 = bench_cpu_pid(server);
+        have_threads = bench_threads_read(server, &threads0) == 0;
+    }
     for (int i = 0; i < n; i++)
         pthread_join(th[i], NULL);
     elapsed = bench_now() - t0;
     r->cpu_self_s = bench_cpu_self() - self0;
     if (server0 >= 0)
         server1 = bench_cpu_pid(server);
+    if (have_threads && bench_threads_read(server, &threads1) == 0)
+        bench_threads_diff(&threads0, &threads1, &r->server_threads);
     r->cpu_server_s = server0 >= 0 && server1 >= 0 ? server1 - server0 : -1;
     for (int i = 0; i < n; i++) {
         r->ok += cl[i].ok;
@@ -328,6 +334,18 @@ json_t *bench_load_json(const bench_load_result *r)
         bench_set(j, "self_cpu_us", r->cpu_self_s * 1e6 / (double)r->ok);
         if (r->cpu_server_s >= 0)
             bench_set(j, "server_cpu_us", r->cpu_server_s * 1e6 / (double)r->ok);
+        if (r->server_threads.n > 0) {
+            json_t *threads = json_object();
+
+            for (int i = 0; i < r->server_threads.n; i++) {
+                json_t *g = json_object();
+
+                bench_set(g, "user_us", r->server_threads.g[i].user_s * 1e6 / (double)r->ok);
+                bench_set(g, "sys_us", r->server_threads.g[i].sys_s * 1e6 / (double)r->ok);
+                json_object_set_new(threads, r->server_threads.g[i].name, g);
+            }
+            json_object_set_new(j, "server_threads", threads);
+        }
     }
     return j;
 }
