@@ -574,6 +574,79 @@ START_TEST(wal_stays_bounded_under_steady_writes)
 }
 END_TEST
 
+/* A long reader (a backup, an sqlite3 shell) holds a snapshot that uses
+ * the WAL, so the writer cannot restart it: the WAL grows past
+ * SQ_WAL_MAX_PAGES, but the writer tries the restart (and waits up to
+ * SQ_RESTART_WAIT_MS) only once per SQ_CKPT_PAGES of growth, not after
+ * every commit, and writes keep flowing.  Once the reader ends, the next
+ * attempt restarts the WAL. */
+START_TEST(long_reader_does_not_stall_every_commit)
+{
+    kms_store *st = NULL;
+    unsigned char tid[KMS_TOKEN_ID_LEN];
+    char walpath[600];
+    struct wal_load w[WAL_THREADS];
+    pthread_t th[WAL_THREADS];
+    volatile int stop = 0;
+    kms_store_stats_ex before, during;
+    struct stat sb;
+    sqlite3 *reader = NULL;
+    sqlite3_stmt *q = NULL;
+    off_t target = (off_t)(SQ_WAL_MAX_PAGES + 4 * SQ_CKPT_PAGES) * WAL_FRAME;
+    uint64_t grown_pages;
+    int i;
+
+    snprintf(walpath, sizeof(walpath), "%s-wal", dbpath);
+    token_id_for(tid, 1);
+    ck_assert_int_eq(kms_store_open_sqlite(dbpath, &st), P11KMS_OK);
+    ck_assert_int_eq(kms_store_key_create(st, "customers", tid, 1), P11KMS_OK);
+    for (unsigned t = 0; t < WAL_THREADS; t++) {
+        w[t] = (struct wal_load){.st = st, .thread = t, .stop = &stop};
+        ck_assert_int_eq(pthread_create(&th[t], NULL, wal_writer, &w[t]), 0);
+    }
+    usleep(200000); /* some frames in the WAL: the reader's snapshot will use it */
+    ck_assert_int_eq(sqlite3_open_v2(dbpath, &reader, SQLITE_OPEN_READONLY, NULL), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_exec(reader, "BEGIN", NULL, NULL, NULL), SQLITE_OK);
+    ck_assert_int_eq(sqlite3_prepare_v2(reader, "SELECT count(*) FROM deks", -1, &q, NULL),
+                     SQLITE_OK);
+    ck_assert_int_eq(sqlite3_step(q), SQLITE_ROW);
+    sqlite3_finalize(q);
+    kms_store_stats_get(st, &before);
+    for (i = 0; i < 12000; i++) { /* until the WAL is well past the bound, at most 120 s */
+        if (stat(walpath, &sb) == 0 && sb.st_size >= target)
+            break;
+        usleep(10000);
+    }
+    ck_assert_int_lt(i, 12000);
+    kms_store_stats_get(st, &during);
+    grown_pages = (uint64_t)(sb.st_size / WAL_FRAME) - SQ_WAL_MAX_PAGES;
+    ck_assert_uint_eq(during.wal_restarts, before.wal_restarts);
+    ck_assert_uint_ge(during.wal_restart_busy, 1);
+    ck_assert_msg(during.wal_restart_busy - before.wal_restart_busy <=
+                      grown_pages / SQ_CKPT_PAGES + 2,
+                  "%llu blocked restarts for %llu pages of growth",
+                  (unsigned long long)(during.wal_restart_busy - before.wal_restart_busy),
+                  (unsigned long long)grown_pages);
+    ck_assert_uint_gt(during.commits - before.commits, 100); /* writes kept flowing */
+
+    sqlite3_exec(reader, "COMMIT", NULL, NULL, NULL);
+    sqlite3_close(reader);
+    for (i = 0; i < 12000; i++) {
+        kms_store_stats_get(st, &during);
+        if (during.wal_restarts > before.wal_restarts)
+            break;
+        usleep(10000);
+    }
+    stop = 1;
+    for (unsigned t = 0; t < WAL_THREADS; t++) {
+        pthread_join(th[t], NULL);
+        ck_assert_int_eq(w[t].failures, 0);
+    }
+    ck_assert_uint_gt(during.wal_restarts, before.wal_restarts);
+    kms_store_close(st);
+}
+END_TEST
+
 static Suite *store_suite(void)
 {
     Suite *s = suite_create("store_sqlite");
@@ -591,6 +664,7 @@ static Suite *store_suite(void)
     tcase_add_test(tc, unusable_paths_are_store_unavailable);
     tcase_add_test(tc, unwritable_database_is_store_unavailable);
     tcase_add_test(tc, wal_stays_bounded_under_steady_writes);
+    tcase_add_test(tc, long_reader_does_not_stall_every_commit);
     suite_add_tcase(s, tc);
     return s;
 }

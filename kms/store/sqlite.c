@@ -82,7 +82,7 @@
 #define SQ_BUSY_TIMEOUT_MS 5000
 #define SQ_CKPT_TRIES      5   /* truncating checkpoint attempts after a destroy */
 #define SQ_CKPT_WAIT_MS    100 /* busy wait per attempt */
-#define SQ_RESTART_WAIT_MS 20  /* wal_restart: wait for readers (then next commit) */
+#define SQ_RESTART_WAIT_MS 5   /* wal_restart: wait this long for readers */
 #define SQ_PING_WAIT_MS    500 /* health: wait this long for a probe while failing */
 
 /* ---- statements --------------------------------------------------------- */
@@ -316,6 +316,8 @@ typedef struct sq_store {
     atomic_uint_fast64_t wal_truncations;
     atomic_uint_fast64_t wal_truncate_busy;
     atomic_uint_fast64_t wal_restarts;
+    atomic_uint_fast64_t wal_restart_busy;
+    int restart_retry_at; /* writer thread only: WAL pages at which a blocked restart retries */
     kms_sqlite_pragmas pragmas;
 } sq_store;
 
@@ -633,11 +635,14 @@ static void wal_truncate(sq_store *s, int patient)
 /* Keep the WAL from growing without bound under steady load (see
  * sqlite_ckpt.c): once it holds SQ_WAL_MAX_PAGES pages, copy what the
  * checkpoint thread has not copied yet and restart the WAL from its
- * start (RESTART: waits briefly for readers still on old frames).  The
- * writer pauses for that copy, about once per 64 MiB of WAL.  When it is
- * blocked (a reader, or the checkpoint thread mid-copy) the next commit
- * tries again. */
-static void wal_restart(sq_store *s)
+ * start.  The writer pauses for that copy (0.8-3 ms, about once per
+ * 64 MiB of WAL).  RESTART also waits for readers still on old frames:
+ * up to SQ_RESTART_WAIT_MS, then it gives up and the writer tries again
+ * only once the WAL has grown by another SQ_CKPT_PAGES, so a long reader
+ * (a backup, an sqlite3 shell) costs the writer a few ms per 4 MiB of
+ * WAL, not a wait per commit; the WAL grows meanwhile (SQLite cannot
+ * restart it under a reader). */
+static void wal_restart(sq_store *s, int pages)
 {
     sqlite3 *db = s->writer.db;
     int rc, log_frames = -1, ckpt_frames = -1;
@@ -645,13 +650,31 @@ static void wal_restart(sq_store *s)
     sqlite3_busy_timeout(db, SQ_RESTART_WAIT_MS);
     rc = sqlite3_wal_checkpoint_v2(db, NULL, SQLITE_CHECKPOINT_RESTART, &log_frames, &ckpt_frames);
     sqlite3_busy_timeout(db, SQ_BUSY_TIMEOUT_MS);
-    if (rc == SQLITE_OK)
+    if (rc == SQLITE_OK) {
+        s->restart_retry_at = 0;
         atomic_fetch_add(&s->wal_restarts, 1);
-    else if ((rc & 0xff) == SQLITE_BUSY || (rc & 0xff) == SQLITE_LOCKED)
-        LOG_DEBUG("store", "WAL restart blocked (%d of %d frames copied): next commit",
+        return;
+    }
+    s->restart_retry_at = pages + SQ_CKPT_PAGES;
+    if ((rc & 0xff) == SQLITE_BUSY || (rc & 0xff) == SQLITE_LOCKED) {
+        atomic_fetch_add(&s->wal_restart_busy, 1);
+        LOG_DEBUG("store", "WAL restart blocked by a reader (%d of %d frames copied)",
                   ckpt_frames, log_frames);
-    else
+    } else {
         SQ_FAIL(db, rc, "restarting WAL checkpoint");
+    }
+}
+
+/* After a commit: restart the WAL when it is full and no blocked attempt
+ * is waiting for more growth. */
+static void wal_bound(sq_store *s)
+{
+    int pages = sq_ckpt_wal_pages(s->ckpt);
+
+    if (pages < SQ_WAL_MAX_PAGES)
+        s->restart_retry_at = 0;
+    else if (pages >= s->restart_retry_at)
+        wal_restart(s, pages);
 }
 
 static p11kms_status sq_gc_commit(void *ctx)
@@ -663,8 +686,8 @@ static p11kms_status sq_gc_commit(void *ctx)
         return SQ_FAIL(s->writer.db, rc, "COMMIT");
     if (s->wipe_pending)
         wal_truncate(s, s->wipe_new); /* before the callers wake: a destroy returns wiped */
-    else if (sq_ckpt_wal_pages(s->ckpt) >= SQ_WAL_MAX_PAGES)
-        wal_restart(s);
+    else
+        wal_bound(s);
     s->wipe_new = 0;
     return P11KMS_OK;
 }
@@ -2268,6 +2291,7 @@ static void sq_stats(kms_store *st, kms_store_stats_ex *out)
     out->wal_truncations = atomic_load(&s->wal_truncations);
     out->wal_truncate_busy = atomic_load(&s->wal_truncate_busy);
     out->wal_restarts = atomic_load(&s->wal_restarts);
+    out->wal_restart_busy = atomic_load(&s->wal_restart_busy);
 }
 
 p11kms_status kms_sqlite_pragmas_get(kms_store *st, kms_sqlite_pragmas *out)

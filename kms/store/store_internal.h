@@ -32,6 +32,7 @@ typedef struct kms_store_stats_ex {
     uint64_t wal_truncations;   /* truncating WAL checkpoints after destroys */
     uint64_t wal_truncate_busy; /* ... that a reader or writer blocked (retried later) */
     uint64_t wal_restarts;      /* WAL restarts at SQ_WAL_MAX_PAGES (sqlite.c) */
+    uint64_t wal_restart_busy;  /* ... that a reader blocked (retried after more growth) */
     uint64_t failing;           /* 1 while writes are refused (groupcommit.c), else 0 */
     uint64_t refused_writes;    /* writes refused at once while failing */
 } kms_store_stats_ex;
