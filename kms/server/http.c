@@ -85,6 +85,7 @@ typedef struct loop {
     struct evhttp *http_tls;         /* listen.tls, or NULL */
     struct evconnlistener *listener_tls;
     struct event *accept_resume; /* re-enables the listeners after a pause */
+    struct event *marker;        /* finds this loop from its event_base (listener_loop) */
     pthread_t thread;
     int started;
     /* Requests whose asynchronous core call finished (on_async_done, any
@@ -568,10 +569,47 @@ static void resume_accept(evutil_socket_t fd, short what, void *arg)
         evconnlistener_enable(lp->listener_tls);
 }
 
-/* The server whose listeners report accept errors: libevent's error
- * callback gets evhttp's argument, not ours, so it finds its loop from
- * here (one kms_server per process: kmsd). */
-static _Atomic(kms_server *) accept_server;
+/* A listener's loop, for on_accept_error: libevent hands that callback
+ * the listener's user data, which evhttp_bind_listener made its struct
+ * evhttp, and neither a listener nor an event_base carries a pointer of
+ * ours.  So each loop adds one event of its own to its base, `marker`,
+ * whose argument is the loop, and the listener's base is searched for it
+ * with event_base_foreach_event (no state outside the server).  That
+ * only sees events that are added or active, and an event with neither
+ * fd nor timeout is never really added: the marker is a persistent timer
+ * of a day whose callback does nothing.  The search walks the base's
+ * events (one or two a connection) once a pause, so a few times a second
+ * while accept(2) fails. */
+#define LOOP_MARKER_SECONDS 86400
+
+static void on_loop_marker(evutil_socket_t fd, short what, void *arg)
+{
+    (void)fd;
+    (void)what;
+    (void)arg;
+}
+
+static int is_loop_marker(const struct event_base *base, const struct event *ev, void *arg)
+{
+    loop **found = arg;
+
+    (void)base;
+    if (event_get_callback(ev) != on_loop_marker)
+        return 0;
+    *found = event_get_callback_arg(ev);
+    return 1;
+}
+
+/* The loop that owns listener lev, or NULL. */
+static loop *listener_loop(struct evconnlistener *lev)
+{
+    loop *lp = NULL;
+
+    event_base_foreach_event(evconnlistener_get_base(lev), is_loop_marker, &lp);
+    if (lp == NULL || (lp->listener != lev && lp->listener_tls != lev))
+        return NULL;
+    return lp;
+}
 
 /* evconnlistener error callback: accept(2) failed with an error libevent
  * does not retry later by itself (EMFILE, ENFILE, ENOBUFS, ENOMEM...).
@@ -580,20 +618,18 @@ static _Atomic(kms_server *) accept_server;
 static void on_accept_error(struct evconnlistener *lev, void *arg)
 {
     int err = EVUTIL_SOCKET_ERROR();
-    kms_server *srv = atomic_load(&accept_server);
-    loop *lp = NULL;
+    loop *lp = listener_loop(lev);
+    kms_server *srv;
     struct timeval pause = {0, KMS_HTTP_ACCEPT_PAUSE_MS * 1000};
     struct timespec now;
     long long last;
 
-    (void)arg;
-    for (size_t i = 0; srv != NULL && lp == NULL && i < srv->n_loops; i++)
-        if (srv->loops[i].listener == lev || srv->loops[i].listener_tls == lev)
-            lp = &srv->loops[i];
+    (void)arg; /* evhttp's, not ours */
     if (lp == NULL) {
-        evconnlistener_disable(lev); /* no server: nothing will accept again */
+        evconnlistener_disable(lev); /* no loop: nothing will accept again */
         return;
     }
+    srv = lp->srv;
     atomic_fetch_add(&srv->accept_pauses, 1);
     clock_gettime(CLOCK_MONOTONIC, &now);
     last = atomic_load(&srv->last_accept_warn);
@@ -668,6 +704,7 @@ static struct event_base *loop_base_new(void)
 
 static p11kms_status loop_init(kms_server *srv, loop *lp)
 {
+    const struct timeval day = {LOOP_MARKER_SECONDS, 0};
     p11kms_status rv;
 
     lp->srv = srv;
@@ -677,7 +714,9 @@ static p11kms_status loop_init(kms_server *srv, loop *lp)
     lp->base = loop_base_new();
     if (lp->base == NULL || (lp->http = evhttp_new(lp->base)) == NULL ||
         (lp->ev_done = event_new(lp->base, -1, 0, on_done_ready, lp)) == NULL ||
-        (lp->accept_resume = evtimer_new(lp->base, resume_accept, lp)) == NULL)
+        (lp->accept_resume = evtimer_new(lp->base, resume_accept, lp)) == NULL ||
+        (lp->marker = event_new(lp->base, -1, EV_PERSIST, on_loop_marker, lp)) == NULL ||
+        event_add(lp->marker, &day) != 0)
         return P11KMS_ERR_NO_MEMORY;
     if ((rv = http_init(srv, lp, lp->http, make_bev, srv->listen_fd, &lp->listener)) != P11KMS_OK)
         return rv;
@@ -922,7 +961,6 @@ p11kms_status kms_server_new(const kms_config *cfg, kms_core *core, kms_server *
     for (; srv->n_loops < (size_t)cfg->threads; srv->n_loops++)
         if ((rv = loop_init(srv, &srv->loops[srv->n_loops])) != P11KMS_OK)
             goto out;
-    atomic_store(&accept_server, srv);
     srv->ev_term = evsignal_new(srv->control, SIGTERM, on_signal, srv);
     srv->ev_int = evsignal_new(srv->control, SIGINT, on_signal, srv);
     srv->ev_hup = evsignal_new(srv->control, SIGHUP, on_hup, srv);
@@ -999,8 +1037,6 @@ static void drop_async(kms_server *srv)
 
 void kms_server_free(kms_server *srv)
 {
-    kms_server *self;
-
     if (srv == NULL)
         return;
     for (size_t i = 0; i < srv->n_loops; i++)
@@ -1009,8 +1045,6 @@ void kms_server_free(kms_server *srv)
     for (size_t i = 0; i < srv->n_loops; i++)
         if (srv->loops[i].started)
             pthread_join(srv->loops[i].thread, NULL);
-    self = srv;
-    atomic_compare_exchange_strong(&accept_server, &self, NULL); /* the loops are stopped */
     /* Workers finish what they hold; replies to stopped loops are dropped. */
     kms_workers_free(srv->workers);
     drop_async(srv);
@@ -1027,6 +1061,8 @@ void kms_server_free(kms_server *srv)
             event_free(srv->loops[i].ev_done);
         if (srv->loops[i].accept_resume != NULL)
             event_free(srv->loops[i].accept_resume);
+        if (srv->loops[i].marker != NULL)
+            event_free(srv->loops[i].marker);
         if (srv->loops[i].base != NULL)
             event_base_free(srv->loops[i].base);
         if (srv->loops[i].done_mu_ok)

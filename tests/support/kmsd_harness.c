@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -153,6 +154,14 @@ static pid_t spawn(kh_kmsd *k)
         dup2(fd, STDERR_FILENO);
         dup2(fd, STDOUT_FILENO);
         close(fd);
+    }
+    if (k->nofile > 0) {
+        struct rlimit rl = {(rlim_t)k->nofile, (rlim_t)k->nofile};
+
+        if (setrlimit(RLIMIT_NOFILE, &rl) != 0) {
+            perror("setrlimit(RLIMIT_NOFILE) for kmsd");
+            _exit(127);
+        }
     }
     execl(k->kmsd, k->kmsd, "--config", k->conf, (char *)NULL);
     perror("exec kmsd");
@@ -477,4 +486,26 @@ long kh_proc_kb(pid_t pid, const char *field)
         v = strtol(p + 1, NULL, 10);
     free(text);
     return v;
+}
+
+double kh_proc_cpu(pid_t pid)
+{
+    char path[64], *text, *p;
+    unsigned long long utime, stime;
+    long tck = sysconf(_SC_CLK_TCK);
+    double cpu = -1;
+
+    snprintf(path, sizeof(path), "/proc/%d/stat", (int)pid);
+    text = kh_read_file(path, NULL);
+    if (text == NULL)
+        return -1;
+    /* utime and stime: fields 14 and 15, the 12th and 13th after the
+     * command name's closing ')'. */
+    p = strrchr(text, ')');
+    if (tck > 0 && p != NULL &&
+        sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &utime, &stime) ==
+            2)
+        cpu = (double)(utime + stime) / (double)tck;
+    free(text);
+    return cpu;
 }

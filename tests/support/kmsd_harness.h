@@ -32,6 +32,10 @@ typedef struct kh_kmsd {
     pid_t pid; /* 0 when not running */
     ts_db store; /* the [store] of kmsd.conf: P11KMS_TEST_STORE selects it */
     int peer;    /* made by kh_setup_peer: token and store are another's */
+    /* > 0: kmsd starts with RLIMIT_NOFILE at this, soft and hard (kmsd
+     * raises its soft limit by itself, up to the hard one); 0 (kh_setup's
+     * default): the test's own limit. */
+    long nofile;
 } kh_kmsd;
 
 typedef struct kh_response {
@@ -111,5 +115,9 @@ int kh_run(const char *const argv[], char **output);
 
 /* A kmsd process value from /proc/PID/status in kB ("VmHWM"); -1. */
 long kh_proc_kb(pid_t pid, const char *field);
+
+/* CPU time (user + system, all threads) of process pid in seconds, from
+ * /proc/PID/stat (clock-tick resolution); -1 if unknown. */
+double kh_proc_cpu(pid_t pid);
 
 #endif
