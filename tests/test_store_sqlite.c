@@ -471,7 +471,7 @@ END_TEST
  * kmsd's benchmark load), and copying only every SQ_CKPT_PAGES pages
  * made it grow without end. */
 #define WAL_THREADS 8
-#define WAL_FRAME (4096 + 24)
+#define WAL_FRAME   (4096 + 24)
 
 struct wal_load {
     kms_store *st;
@@ -530,9 +530,8 @@ START_TEST(wal_stays_bounded_under_steady_writes)
     ck_assert_int_eq(kms_store_key_create(st, "customers", tid, 1), P11KMS_OK);
     for (unsigned t = 0; t <= WAL_THREADS; t++) {
         w[t] = (struct wal_load){.st = st, .thread = t, .stop = &stop};
-        ck_assert_int_eq(pthread_create(&th[t], NULL, t < WAL_THREADS ? wal_writer : wal_reader,
-                                        &w[t]),
-                         0);
+        ck_assert_int_eq(
+            pthread_create(&th[t], NULL, t < WAL_THREADS ? wal_writer : wal_reader, &w[t]), 0);
     }
     /* Until the WAL has been restarted twice (about 3 x 64 MiB of pages
      * written) or has outgrown the bound; at most 120 s. */

@@ -658,8 +658,8 @@ static void wal_restart(sq_store *s, int pages)
     s->restart_retry_at = pages + SQ_CKPT_PAGES;
     if ((rc & 0xff) == SQLITE_BUSY || (rc & 0xff) == SQLITE_LOCKED) {
         atomic_fetch_add(&s->wal_restart_busy, 1);
-        LOG_DEBUG("store", "WAL restart blocked by a reader (%d of %d frames copied)",
-                  ckpt_frames, log_frames);
+        LOG_DEBUG("store", "WAL restart blocked by a reader (%d of %d frames copied)", ckpt_frames,
+                  log_frames);
     } else {
         SQ_FAIL(db, rc, "restarting WAL checkpoint");
     }

@@ -175,8 +175,7 @@ int bench_threads_read(pid_t pid, bench_threads *t)
     return 0;
 }
 
-void bench_threads_diff(const bench_threads *before, const bench_threads *after,
-                        bench_threads *out)
+void bench_threads_diff(const bench_threads *before, const bench_threads *after, bench_threads *out)
 {
     memset(out, 0, sizeof(*out));
     for (int i = 0; i < after->n; i++) {

@@ -88,9 +88,9 @@ typedef struct bench_load_result {
     double ops_s; /* successful replies per second */
     double p50_ms, p99_ms, max_ms;
     unsigned long ok, errors;
-    double cpu_self_s;   /* CPU of this process over the run (the clients, and
-                          * anything else running in it) */
-    double cpu_server_s; /* CPU of the server process over the run, or -1 */
+    double cpu_self_s;            /* CPU of this process over the run (the clients, and
+                                   * anything else running in it) */
+    double cpu_server_s;          /* CPU of the server process over the run, or -1 */
     bench_threads server_threads; /* cpu_server_s by thread name (n = 0: unknown) */
 } bench_load_result;
 
