@@ -57,33 +57,6 @@ static void sleep_s(double s)
         ;
 }
 
-/* Occurrences of needle in kmsd's log so far. */
-static int log_count(const char *needle)
-{
-    char *log = kh_read_file(K.log, NULL);
-    int n = 0;
-
-    for (const char *p = log; p != NULL && (p = strstr(p, needle)) != NULL; p += strlen(needle))
-        n++;
-    free(log);
-    return n;
-}
-
-/* The value of a counter or gauge in a Prometheus text body; -1. */
-static long metric(const char *text, const char *name)
-{
-    size_t n = strlen(name);
-
-    for (const char *line = text; line != NULL && *line != '\0';) {
-        if (strncmp(line, name, n) == 0 && line[n] == ' ')
-            return strtol(line + n + 1, NULL, 10);
-        line = strchr(line, '\n');
-        if (line != NULL)
-            line++;
-    }
-    return -1;
-}
-
 /* A connection to kmsd that sends nothing; -1 once the backlog is full. */
 static int idle_client(void)
 {
@@ -141,7 +114,7 @@ START_TEST(exhausted_descriptors)
     j = ku_call(&K, "POST", "/v1/keys", "{\"name\":\"accept\"}", &status);
     ck_assert_int_eq(status, 201);
     json_decref(j);
-    ck_assert_int_eq(log_count(WARNING), 0);
+    ck_assert_int_eq(kh_log_count(&K, WARNING), 0);
 
     /* More idle clients than kmsd has descriptors: it accepts until
      * accept(2) fails with EMFILE; the rest stay in the backlog. */
@@ -152,7 +125,7 @@ START_TEST(exhausted_descriptors)
     /* Wait for kmsd to run out (its warning; 15 s at most: without one,
      * the CPU check below says why). */
     for (until = now_s() + 15; now_s() < until; sleep_s(0.02))
-        if (log_count(WARNING) > 0) {
+        if (kh_log_count(&K, WARNING) > 0) {
             t_warn = now_s();
             break;
         }
@@ -172,7 +145,7 @@ START_TEST(exhausted_descriptors)
                   cpu, t1 - t0);
 
     /* It said so, once per WARN_SECONDS at most. */
-    warnings = log_count(WARNING);
+    warnings = kh_log_count(&K, WARNING);
     ck_assert_msg(t_warn > 0, "no \"%s\" warning in kmsd's log", WARNING);
     ck_assert_msg(warnings >= 1 && warnings <= 1 + (int)((now_s() - t_warn) / WARN_SECONDS),
                   "%d accept warnings in %.1f s", warnings, now_s() - t_warn);
@@ -199,7 +172,7 @@ START_TEST(exhausted_descriptors)
     /* ... and counted its pauses. */
     ck_assert_int_eq(kh_request(K.sock, "GET", "/metrics", NULL, 0, NULL, &r), 0);
     ck_assert_int_eq(r.status, 200);
-    pauses = metric(r.body, "p11kms_http_accept_pauses_total");
+    pauses = kh_metric_value(r.body, "p11kms_http_accept_pauses_total");
     kh_response_free(&r);
     ck_assert_msg(pauses > 0, "p11kms_http_accept_pauses_total is %ld", pauses);
     ku_assert_healthy(&K);

@@ -468,21 +468,6 @@ static int kmsd_fds(char *list, size_t len)
     return n;
 }
 
-/* A gauge of GET /metrics, -1 if absent. */
-static long metric(const char *text, const char *name)
-{
-    size_t n = strlen(name);
-
-    for (const char *line = text; line != NULL && *line != '\0';) {
-        if (strncmp(line, name, n) == 0 && line[n] == ' ')
-            return strtol(line + n + 1, NULL, 10);
-        line = strchr(line, '\n');
-        if (line != NULL)
-            line++;
-    }
-    return -1;
-}
-
 /* Wait (up to 60 s) until kmsd has no request in flight and no client
  * connection but the one asking. */
 static void wait_idle(void)
@@ -492,8 +477,8 @@ static void wait_idle(void)
         long in, conns;
 
         ck_assert_int_eq(kh_request(K.sock, "GET", "/metrics", NULL, 0, NULL, &r), 0);
-        in = metric(r.body, "p11kms_http_inflight_requests");
-        conns = metric(r.body, "p11kms_http_connections");
+        in = kh_metric_value(r.body, "p11kms_http_inflight_requests");
+        conns = kh_metric_value(r.body, "p11kms_http_connections");
         kh_response_free(&r);
         if (in == 1 && conns == 1)
             return;

@@ -390,19 +390,6 @@ static void *start_main(void *arg)
     return (void *)(intptr_t)kh_start(arg);
 }
 
-static int log_count(const kh_kmsd *k, const char *needle)
-{
-    char *log = kh_read_file(k->log, NULL), *p = log;
-    int n = 0;
-
-    while (p != NULL && (p = strstr(p, needle)) != NULL) {
-        n++;
-        p += strlen(needle);
-    }
-    free(log);
-    return n;
-}
-
 START_TEST(simultaneous_start_migrates_once)
 {
     pthread_t t[3];
@@ -436,7 +423,7 @@ START_TEST(simultaneous_start_migrates_once)
         ck_assert_int_eq((int)(intptr_t)rv, 0);
     }
     for (int i = 0; i < 3; i++)
-        applied += log_count(&N[i], "applied schema migration");
+        applied += kh_log_count(&N[i], "applied schema migration");
     ck_assert_int_eq(ts_db_int(&N[0].store, "SELECT count(*) FROM schema_version"), applied);
     ck_assert_int_eq(ts_db_int(&N[0].store, "SELECT count(DISTINCT version) FROM schema_version"),
                      applied);

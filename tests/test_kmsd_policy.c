@@ -53,30 +53,17 @@ static void write_conf(kh_kmsd *k, const char *mode, const char *policy)
     free(fixed);
 }
 
-static int count_in_log(const kh_kmsd *k, const char *needle)
-{
-    char *log = kh_read_file(k->log, NULL), *at = log;
-    int n = 0;
-
-    while (at != NULL && (at = strstr(at, needle)) != NULL) {
-        n++;
-        at += strlen(needle);
-    }
-    free(log);
-    return n;
-}
-
 /* Write the policy file and SIGHUP kmsd; wait until it logs `expect`
  * once more than before. */
 static void reload(const char *policy, const char *expect)
 {
-    int before = count_in_log(&K, expect);
+    int before = kh_log_count(&K, expect);
 
     ck_assert_int_eq(kh_write_file(policy_path, policy, 0644), 0);
     ck_assert_int_eq(kill(K.pid, SIGHUP), 0);
-    for (int i = 0; i < 500 && count_in_log(&K, expect) == before; i++)
+    for (int i = 0; i < 500 && kh_log_count(&K, expect) == before; i++)
         usleep(10000);
-    ck_assert_msg(count_in_log(&K, expect) > before, "kmsd did not log '%s' after SIGHUP", expect);
+    ck_assert_msg(kh_log_count(&K, expect) > before, "kmsd did not log '%s' after SIGHUP", expect);
 }
 
 static void start(void)
@@ -263,7 +250,7 @@ START_TEST(second_uid_refused_every_class)
     expect(0, "GET", "/v1/datakeys/" UNKNOWN_DEK, NULL, 404, "dek_not_found");
     expect(0, "POST", p_rev, "{\"reason\":\"compromised\"}", 200, NULL);
     expect(0, "DELETE", p_dek, NULL, 200, NULL);
-    ck_assert_int_ge(count_in_log(&K, "refused: uid:65534 may not"), 14);
+    ck_assert_int_ge(kh_log_count(&K, "refused: uid:65534 may not"), 14);
 }
 END_TEST
 
@@ -324,18 +311,18 @@ START_TEST(sighup_reload)
     reload("allow uid:0 all on *\n# a typo on line 3\nallow uid:65534 generat on app-*\n",
            "policy not reloaded");
     snprintf(want, sizeof(want), "%s:3: unknown operation 'generat'", policy_path);
-    ck_assert_int_ge(count_in_log(&K, want), 1);
+    ck_assert_int_ge(kh_log_count(&K, want), 1);
     expect(NOBODY, "POST", "/v1/keys/app-a/datakeys", "{}", 201, NULL); /* old policy */
     expect(0, "GET", "/v1/keys", NULL, 200, NULL);
 
     /* group- or world-writable: refused too */
     ck_assert_int_eq(kh_write_file(policy_path, "allow uid:65534 all on *\n", 0666), 0);
     {
-        int before = count_in_log(&K, "policy not reloaded");
+        int before = kh_log_count(&K, "policy not reloaded");
         ck_assert_int_eq(kill(K.pid, SIGHUP), 0);
-        for (int i = 0; i < 500 && count_in_log(&K, "policy not reloaded") == before; i++)
+        for (int i = 0; i < 500 && kh_log_count(&K, "policy not reloaded") == before; i++)
             usleep(10000);
-        ck_assert_int_gt(count_in_log(&K, "policy not reloaded"), before);
+        ck_assert_int_gt(kh_log_count(&K, "policy not reloaded"), before);
     }
     expect(NOBODY, "GET", "/v1/keys", NULL, 403, "forbidden");
 
@@ -374,8 +361,8 @@ START_TEST(bearer_tokens)
                                 "pattern \"*\"");
     r = call_as(NOBODY, "POST", "/v1/keys/app-a/datakeys", "{}", good);
     ck_assert_msg(r.status == 201, "%s", r.body);
-    ck_assert_int_ge(count_in_log(&K, "POST /v1/keys/app-a/datakeys 201"), 1);
-    ck_assert_int_ge(count_in_log(&K, " token:ci datakey.generate"), 2);
+    ck_assert_int_ge(kh_log_count(&K, "POST /v1/keys/app-a/datakeys 201"), 1);
+    ck_assert_int_ge(kh_log_count(&K, " token:ci datakey.generate"), 2);
     /* bad credentials, on every route including health */
     r = call_as(0, "POST", "/v1/keys/app-a/datakeys", "{}", bad);
     ck_assert_int_eq(r.status, 401);
@@ -391,8 +378,8 @@ START_TEST(bearer_tokens)
     ck_assert_str_eq(www, "Bearer realm=\"p11kms\"");
     kh_response_free(&raw);
     /* the secret never reaches the log */
-    ck_assert_int_eq(count_in_log(&K, CI_SECRET), 0);
-    ck_assert_int_eq(count_in_log(&K, "ci-secret-wrong"), 0);
+    ck_assert_int_eq(kh_log_count(&K, CI_SECRET), 0);
+    ck_assert_int_eq(kh_log_count(&K, "ci-secret-wrong"), 0);
     reload("allow uid:0 all on *\n", "reloaded policy");
     r = call_as(0, "GET", "/v1/keys", NULL, good); /* the token is gone with the policy */
     ck_assert_int_eq(r.status, 401);
@@ -411,7 +398,7 @@ START_TEST(builtin_policy_and_bad_file)
     ck_assert_int_eq(chmod(k2.dir, 0711), 0);
     write_conf(&k2, "0666", NULL);
     ck_assert_int_eq(kh_start(&k2), 0);
-    ck_assert_int_ge(count_in_log(&k2, "no [policy] file configured"), 1);
+    ck_assert_int_ge(kh_log_count(&k2, "no [policy] file configured"), 1);
     K = k2; /* call_as talks to K */
     expect(0, "POST", "/v1/keys", "{\"name\":\"k\"}", 201, NULL);
     expect(NOBODY, "GET", "/v1/health", NULL, 200, NULL);
@@ -425,7 +412,7 @@ START_TEST(builtin_policy_and_bad_file)
     write_conf(&k2, "0600", "bad.conf");
     ck_assert_int_eq(kh_start_expect_exit(&k2, 30), 1);
     snprintf(want, sizeof(want), "%s:2: key pattern 'App'", bad);
-    ck_assert_int_ge(count_in_log(&k2, want), 1);
+    ck_assert_int_ge(kh_log_count(&k2, want), 1);
     kh_teardown(&k2);
 }
 END_TEST

@@ -295,21 +295,6 @@ static void tls_decrypt(CURL *h, int i, long sslversion)
 
 /* ---- waiting for kmsd ------------------------------------------------------------ */
 
-/* A gauge of GET /metrics, -1 if absent. */
-static long metric(const char *text, const char *name)
-{
-    size_t n = strlen(name);
-
-    for (const char *line = text; line != NULL && *line != '\0';) {
-        if (strncmp(line, name, n) == 0 && line[n] == ' ')
-            return strtol(line + n + 1, NULL, 10);
-        line = strchr(line, '\n');
-        if (line != NULL)
-            line++;
-    }
-    return -1;
-}
-
 /* Wait (up to 60 s) until kmsd has at least `inflight` requests in flight
  * besides the metrics request itself; `exact` waits for exactly that many
  * and no client connection but the metrics one. */
@@ -321,8 +306,8 @@ static void wait_kmsd(long inflight, int exact)
 
         ck_assert_int_eq(kh_request(K.sock, "GET", "/metrics", NULL, 0, NULL, &r), 0);
         ck_assert_int_eq(r.status, 200);
-        in = metric(r.body, "p11kms_http_inflight_requests") - 1;
-        conns = metric(r.body, "p11kms_http_connections") - 1;
+        in = kh_metric_value(r.body, "p11kms_http_inflight_requests") - 1;
+        conns = kh_metric_value(r.body, "p11kms_http_connections") - 1;
         kh_response_free(&r);
         if (exact ? in == inflight && conns == 0 : in >= inflight)
             return;

@@ -509,3 +509,28 @@ double kh_proc_cpu(pid_t pid)
     free(text);
     return cpu;
 }
+
+int kh_log_count(const kh_kmsd *k, const char *needle)
+{
+    char *log = kh_read_file(k->log, NULL);
+    int n = 0;
+
+    for (const char *p = log; p != NULL && (p = strstr(p, needle)) != NULL; p += strlen(needle))
+        n++;
+    free(log);
+    return n;
+}
+
+long kh_metric_value(const char *text, const char *name)
+{
+    size_t n = strlen(name);
+
+    for (const char *line = text; line != NULL && *line != '\0';) {
+        if (strncmp(line, name, n) == 0 && line[n] == ' ')
+            return strtol(line + n + 1, NULL, 10);
+        line = strchr(line, '\n');
+        if (line != NULL)
+            line++;
+    }
+    return -1;
+}

@@ -116,6 +116,13 @@ int kh_run(const char *const argv[], char **output);
 /* A kmsd process value from /proc/PID/status in kB ("VmHWM"); -1. */
 long kh_proc_kb(pid_t pid, const char *field);
 
+/* Occurrences of needle in kmsd k's log so far. */
+int kh_log_count(const kh_kmsd *k, const char *needle);
+
+/* The value of the unlabelled counter or gauge `name` in a GET /metrics
+ * body (Prometheus text), -1 if absent. */
+long kh_metric_value(const char *text, const char *name);
+
 /* CPU time (user + system, all threads) of process pid in seconds, from
  * /proc/PID/stat (clock-tick resolution); -1 if unknown. */
 double kh_proc_cpu(pid_t pid);
